@@ -1,0 +1,242 @@
+"""A seeded synthetic reading dataset with a tunable classroom effect, in the reference CSV schema.
+
+The world: districts hold schools, a school holds one class per grade it teaches (15-30 students),
+and each class follows its teacher's reading list, a new title from its grade band every 2-4 days.
+On each school day a student reads with probability ``read_prob``. With probability
+``classroom_effect`` the title is one of the class's last few assignments (so classmates read the
+same titles within days of each other); otherwise it is a re-read of the student's last title with
+probability ``reread_prob``, else a Zipf-popular title of the grade band. The last ``valid_weeks``
+weeks of the term are the validation split.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from studyrec.data.atomic import write_atomic
+
+FILE_NAMES = {
+    "train": "student_activity_train.csv",
+    "valid": "student_activity_valid.csv",
+    "student_info": "student_info.csv",
+    "school_info": "school_info.csv",
+}
+GRADES = 12
+GRADES_PER_BAND = 3
+SAMPLE_SETTINGS = dict(n_students=300, seed=2023, n_titles=400)
+"""The settings of the bundled ``sample_data`` (regenerate with :func:`write_sample_data`)."""
+
+
+@dataclass(frozen=True)
+class GeneratedData:
+    """Activity splits (``StudentID, SHLF_NUM, Date, Seconds Read``) and the two info tables."""
+
+    train: pd.DataFrame
+    valid: pd.DataFrame
+    student_info: pd.DataFrame
+    school_info: pd.DataFrame
+
+
+def _zipf_cdf(n: int, exponent: float) -> np.ndarray:
+    weights = 1.0 / np.arange(1, n + 1) ** exponent
+    return np.cumsum(weights) / weights.sum()
+
+
+def generate(
+    n_students: int = 1000,
+    seed: int = 0,
+    classroom_effect: float = 0.7,
+    *,
+    n_titles: int = 1000,
+    weeks: int = 20,
+    valid_weeks: int = 4,
+    read_prob: float = 0.3,
+    weekend_read_prob: float = 0.1,
+    reread_prob: float = 0.2,
+    class_size: tuple[int, int] = (15, 30),
+    classes_per_school: int = 6,
+    schools_per_district: int = 4,
+    assign_every: tuple[int, int] = (2, 4),
+    recent_assignments: int = 2,
+    recent_decay: float = 0.3,
+    zipf_exponent: float = 1.1,
+    start: str = "2023-01-09",
+) -> GeneratedData:
+    """Generates one school term of reading activity; deterministic for a given ``seed``.
+
+    Arguments:
+        n_students: students in total (the last class may be smaller than ``class_size``).
+        seed: the random seed.
+        classroom_effect: probability that a reading is one of the class's recent assignments.
+        n_titles: catalogue size, split evenly over the 4 grade bands (1-3, 4-6, 7-9, 10-12).
+        weeks: term length; only Monday to Friday are school days.
+        valid_weeks: the last weeks of the term that form the validation split.
+        read_prob: probability that a student reads on a given school day.
+        weekend_read_prob: probability that a student reads on a Saturday or Sunday.
+        reread_prob: probability that a non-class reading re-reads the student's last title.
+        class_size: inclusive range of class sizes.
+        classes_per_school: classes (distinct grades) per school.
+        schools_per_district: schools per district.
+        assign_every: inclusive range of school days between two assignments of a class.
+        recent_assignments: how many of the latest assignments a class reading picks from.
+        recent_decay: relative weight of each older assignment (the newest has weight 1).
+        zipf_exponent: popularity skew of titles within a grade band.
+        start: first day of the term (YYYY-MM-DD).
+    """
+    if not 0.0 <= classroom_effect <= 1.0 or not 0.0 <= reread_prob <= 1.0:
+        raise ValueError("classroom_effect and reread_prob must be probabilities in [0, 1]")
+    if not 0 < valid_weeks < weeks:
+        raise ValueError(f"valid_weeks must be between 1 and weeks - 1 = {weeks - 1}, got {valid_weeks}")
+    if class_size[0] < 1 or class_size[0] > class_size[1] or not 1 <= classes_per_school <= GRADES:
+        raise ValueError("need 1 <= class_size[0] <= class_size[1] and 1 <= classes_per_school <= 12")
+    rng = np.random.default_rng(seed)
+    n_bands = GRADES // GRADES_PER_BAND
+    per_band = max(1, n_titles // n_bands)
+
+    # classes, schools and districts
+    sizes = rng.integers(class_size[0], class_size[1] + 1, size=n_students // class_size[0] + 1)
+    bounds = np.cumsum(sizes)
+    class_of = np.searchsorted(bounds, np.arange(n_students), side="right")
+    n_classes = int(class_of.max()) + 1
+    school_of_class = np.arange(n_classes) // classes_per_school
+    n_schools = int(school_of_class.max()) + 1
+    grade_order = np.argsort(rng.random((n_schools, GRADES)), axis=1)  # distinct grades per school
+    grade_of_class = grade_order[school_of_class, np.arange(n_classes) % classes_per_school] + 1
+    band_of_class = (grade_of_class - 1) // GRADES_PER_BAND
+    district_of_school = np.arange(n_schools) // schools_per_district
+    student_ids = 100_000 + rng.choice(10 * n_students, size=n_students, replace=False)
+    school_ids = 1000 + np.arange(n_schools)
+
+    # catalogue: a shuffled split of titles into bands; Zipf popularity by rank within a band
+    band_titles = rng.permutation(n_bands * per_band).reshape(n_bands, per_band)
+    cdf = _zipf_cdf(per_band, zipf_exponent)
+
+    # teachers' reading lists: a title every few school days; assignment days increase along a row
+    n_days = 7 * weeks
+    school_day = (dt.date.fromisoformat(start).weekday() + np.arange(n_days)) % 7 < 5
+    school_days = np.flatnonzero(school_day)
+    lo, hi = assign_every
+    n_assign = len(school_days) // max(lo, 1) + 2
+    gaps = rng.integers(lo, hi + 1, size=(n_classes, n_assign))
+    nth = np.cumsum(gaps, axis=1) - gaps[:, :1] + rng.integers(0, 2, size=(n_classes, 1))
+    assign_day = school_days[np.minimum(nth, len(school_days) - 1)] + n_days * (nth >= len(school_days))
+    assign_title = band_titles[band_of_class[:, None], rng.integers(0, per_band, size=(n_classes, n_assign))]
+
+    # reading events, sorted by (student, day); weekends have home reading only
+    day_prob = np.where(school_day, read_prob, weekend_read_prob)
+    reads = rng.random((n_students, n_days)) < day_prob[None, :]
+    student, day = np.nonzero(reads)
+    n = len(student)
+    cls = class_of[student]
+    u = rng.random(n)
+    from_class = u < classroom_effect
+    reread = ~from_class & (rng.random(n) < reread_prob)
+
+    popular = band_titles[band_of_class[cls], np.minimum(np.searchsorted(cdf, rng.random(n)), per_band - 1)]
+
+    stride = 2 * n_days + 1  # larger than any assignment day: keys of two classes never overlap
+    flat = (np.arange(n_classes)[:, None] * stride + assign_day).ravel()
+    latest = np.searchsorted(flat, cls * stride + day, side="right") - 1 - cls * n_assign
+    back_weights = recent_decay ** np.arange(recent_assignments)
+    back = np.searchsorted(np.cumsum(back_weights) / back_weights.sum(), rng.random(n))
+    pick = np.maximum(latest - back, 0)
+    class_title = assign_title[cls, pick]
+    from_class &= latest >= 0  # before the first assignment there is nothing to follow
+    title = np.where(from_class, class_title, popular)
+
+    first = np.ones(n, bool)
+    first[1:] = student[1:] != student[:-1]
+    reread &= ~first & ~from_class
+    source = np.maximum.accumulate(np.where(reread, 0, np.arange(n)))
+    title = title[source]
+
+    seconds = np.clip(rng.lognormal(6.3, 0.6, size=n), 30, 7200).astype(np.int64)
+    dates = (np.datetime64(start) + np.arange(n_days)).astype(str)
+    title_names = np.array([f"T{i + 1:05d}" for i in range(n_bands * per_band)], dtype=object)
+
+    order = np.lexsort((student, day))  # a daily log: by date, then student
+    activity = pd.DataFrame(
+        {
+            "StudentID": student_ids[student[order]],
+            "SHLF_NUM": title_names[title[order]],
+            "Date": dates[day[order]],
+            "Seconds Read": seconds[order],
+        }
+    )
+    is_valid = day[order] >= n_days - 7 * valid_weeks
+    student_info = pd.DataFrame(
+        {
+            "StudentID": student_ids,
+            "OrgnID": school_ids[school_of_class[class_of]],
+            "GRADE_LVL_NBR": grade_of_class[class_of],
+        }
+    )
+    school_info = pd.DataFrame({"OrgnID": school_ids, "Parent_Building_ID": 1 + district_of_school})
+    return GeneratedData(
+        train=activity[~is_valid].reset_index(drop=True),
+        valid=activity[is_valid].reset_index(drop=True),
+        student_info=student_info,
+        school_info=school_info,
+    )
+
+
+def write(data: GeneratedData, out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Writes the four CSVs atomically into ``out_dir``; returns their paths (keys as FILE_NAMES)."""
+    out_dir = Path(out_dir)
+    paths = {key: out_dir / name for key, name in FILE_NAMES.items()}
+    for key, path in paths.items():
+        frame: pd.DataFrame = getattr(data, key)
+        write_atomic(path, lambda tmp, frame=frame: frame.to_csv(tmp, index=False, lineterminator="\n"))
+    return paths
+
+
+def sample_data_paths() -> dict[str, Path]:
+    """Paths of the bundled sample dataset: keys ``train, valid, student_info, school_info``."""
+    root = Path(__file__).resolve().parent / "sample_data"
+    return {key: root / name for key, name in FILE_NAMES.items()}
+
+
+def write_sample_data() -> dict[str, Path]:
+    """Regenerates the bundled sample dataset from :data:`SAMPLE_SETTINGS`."""
+    return write(generate(**SAMPLE_SETTINGS), sample_data_paths()["train"].parent)
+
+
+def heuristic_hits(data: GeneratedData, window_days: int = 2) -> dict[str, float]:
+    """Hits@1 on the validation split of two simple predictors (a calibration check).
+
+    - ``classmates``: the title most read by the student's classmates (same school and grade,
+      the student excluded) on the ``window_days`` days before the reading;
+    - ``own_last``: the student's own previous title (train history included).
+    """
+    events = pd.concat([data.train, data.valid], ignore_index=True)
+    events["day"] = (pd.to_datetime(events["Date"]).to_numpy().astype("datetime64[D]")).astype(np.int64)
+    events["is_valid"] = np.arange(len(events)) >= len(data.train)
+    info = data.student_info.set_index("StudentID")
+    events["cls"] = pd.factorize(
+        pd.MultiIndex.from_arrays([events["StudentID"].map(info["OrgnID"]), events["StudentID"].map(info["GRADE_LVL_NBR"])])
+    )[0]
+    events = events.sort_values(["StudentID", "day"], kind="stable").reset_index(drop=True)
+    queries = events[events["is_valid"]].reset_index().rename(columns={"index": "row"})
+
+    same = events["StudentID"].shift(1).to_numpy() == events["StudentID"].to_numpy()
+    previous = events["SHLF_NUM"].shift(1).where(same)
+    own_last = float((previous[queries["row"]].to_numpy() == queries["SHLF_NUM"].to_numpy()).mean())
+
+    # every reading votes for its title on each of the next window_days days
+    votes = pd.concat([events.assign(day=events["day"] + k) for k in range(1, window_days + 1)])
+    total = votes.groupby(["cls", "day", "SHLF_NUM"]).size().rename("total").reset_index()
+    own = votes.groupby(["StudentID", "day", "SHLF_NUM"]).size().rename("own").reset_index()
+    cand = queries[["row", "StudentID", "cls", "day"]].merge(total, on=["cls", "day"])
+    cand = cand.merge(own, on=["StudentID", "day", "SHLF_NUM"], how="left")
+    cand["score"] = cand["total"] - cand["own"].fillna(0)
+    cand = cand[cand["score"] > 0].sort_values(["row", "score", "SHLF_NUM"], ascending=[True, False, True])
+    best = cand.drop_duplicates("row").set_index("row")["SHLF_NUM"]
+    guess = best.reindex(queries["row"]).to_numpy()
+    classmates = float((guess == queries["SHLF_NUM"].to_numpy()).mean())
+    return {"classmates": classmates, "own_last": own_last, "n_valid": float(len(queries))}

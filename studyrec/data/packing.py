@@ -1,0 +1,259 @@
+"""Classroom packs: rows of ``seq_len`` tokens holding one chunk per classmate.
+
+Row layout (spec §4): chunks joined by a single ``<SEP>`` token, right-padded with 0. Unlike the
+reference, rows carry a per-row ``segments`` number (1, 2, … for the row's students; 0 for
+separators and padding) instead of raw StudentIDs, so no id can collide with a separator or
+padding, and timestamps are int32 seconds relative to a stored origin (no 2038 limit).
+
+Two layouts, both vectorised over rows:
+
+- ``random_rows(seed, rows)``: training rows drawn with replacement. A row's classroom is drawn in
+  proportion to its students; classmates are taken in random order, each with a random chunk,
+  while they fit (three misfits end the row). Row ``i`` is a pure function of ``(seed, i)``.
+- ``EvalLayout``: an exhaustive, ordered pass. Classmates' ``r``-th chunks share rows (filled in
+  StudentID order), so every interaction lands in exactly one row and a student's chunks come out
+  earliest first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from typing import NamedTuple
+
+import numpy as np
+from jaxtyping import Array, Int
+
+from studyrec.data.interactions import Chunks, Interactions
+from studyrec.data.vocab import Vocabulary
+
+MAX_REJECTS = 3
+_INT32 = np.iinfo(np.int32)
+
+
+class Sample(NamedTuple):
+    """One packed row (or a batch of them, with leading batch axes)."""
+
+    titles: Int[Array, "*batch seq"]
+    """Vocabulary ids; 0 = padding, ``vocab.sep`` between students."""
+    segments: Int[Array, "*batch seq"]
+    """Student slot within the row, 1-based; 0 on separators and padding."""
+    timestamps: Int[Array, "*batch seq"]
+    """Seconds relative to the run's time origin."""
+    positions: Int[Array, "*batch seq"]
+    """Position within the student's chunk, from 0."""
+    grade_level: Int[Array, "*batch"]
+    """Grade of the row's first student (0 = unknown)."""
+
+
+def _uniform(seed: int, rows: np.ndarray, stream: int, width: int) -> np.ndarray:
+    """Counter-based uniforms in [0, 1), shape [len(rows), width]: a pure function of its inputs."""
+    key = np.array([seed, stream], dtype=np.uint64) * np.array([0x9E3779B97F4A7C15, 0xABC98388FB8FAC03], dtype=np.uint64)
+    x = (
+        key.sum()
+        + rows.astype(np.uint64)[:, None] * np.uint64(0xD1B54A32D192ED03)
+        + np.arange(width, dtype=np.uint64)[None, :] * np.uint64(0x8CB92BA72F3D8DD7)
+    )
+    for shift, mult in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+        x = (x ^ (x >> np.uint64(shift))) * np.uint64(mult)
+    x ^= x >> np.uint64(31)
+    return (x >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+@dataclasses.dataclass(frozen=True)
+class Placements:
+    """Where chunks go: chunk ``chunk[i]`` starts at column ``col[i]`` of row ``row[i]`` as student ``slot[i]``."""
+
+    row: np.ndarray
+    col: np.ndarray
+    slot: np.ndarray
+    chunk: np.ndarray
+
+
+class ClassroomPacker:
+    """Packs the chunks of ``data`` into classroom rows of ``seq_len`` tokens."""
+
+    def __init__(self, data: Interactions, chunks: Chunks, seq_len: int, sep: int, time_origin: int):
+        if chunks.size > seq_len:
+            raise ValueError(
+                f"student chunk size {chunks.size} is larger than seq_len {seq_len}: a chunk could never "
+                f"be placed; use a chunk size <= seq_len"
+            )
+        relative = data.timestamps - time_origin
+        if len(relative) and (relative.min() < _INT32.min or relative.max() > _INT32.max):
+            raise ValueError("timestamps span more than ±68 years around the time origin")
+        self.data, self.chunks, self.seq_len, self.sep = data, chunks, seq_len, sep
+        self.time_origin = int(time_origin)
+        self._relative = relative.astype(np.int32)
+        order = np.argsort(data.classroom, kind="stable")
+        self._members = order  # student slots grouped by classroom, ascending StudentID within
+        counts = np.bincount(data.classroom, minlength=int(data.classroom.max(initial=-1)) + 1)
+        self._class_start = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        self._class_size = counts
+        # Cap on classmates considered per row: more than can ever fit, fewer than a huge class.
+        self._width = int(min(counts.max(initial=1), 4 * seq_len))
+
+    def compose(self, num_rows: int, where: Placements) -> tuple[Sample, np.ndarray]:
+        """Builds ``num_rows`` rows from placements; also returns each token's source interaction (-1: none)."""
+        L, chunks, data = self.seq_len, self.chunks, self.data
+        lengths = chunks.length[where.chunk]
+        within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        r = np.repeat(where.row, lengths)
+        c = np.repeat(where.col, lengths) + within
+        src = np.repeat(chunks.start[where.chunk], lengths) + within
+        titles = np.zeros((num_rows, L), np.int32)
+        segments = np.zeros((num_rows, L), np.int32)
+        timestamps = np.zeros((num_rows, L), np.int32)
+        positions = np.zeros((num_rows, L), np.int32)
+        source = np.full((num_rows, L), -1, np.int64)
+        titles[r, c] = data.titles[src]
+        segments[r, c] = np.repeat(where.slot, lengths)
+        timestamps[r, c] = self._relative[src]
+        positions[r, c] = within
+        source[r, c] = src
+        later = where.slot > 1
+        titles[where.row[later], where.col[later] - 1] = self.sep
+        grade = np.zeros(num_rows, np.int32)
+        first = where.slot == 1
+        grade[where.row[first]] = data.grade[chunks.owner[where.chunk[first]]]
+        return Sample(titles, segments, timestamps, positions, grade), source
+
+    def random_placements(self, seed: int, rows: np.ndarray) -> Placements:
+        """Training rows with replacement; row ``rows[b]`` depends only on ``(seed, rows[b])``."""
+        rows = np.asarray(rows, dtype=np.int64)
+        B, W, L = len(rows), self._width, self.seq_len
+        data, chunks = self.data, self.chunks
+        # A classroom in proportion to its students: the classroom of a uniformly drawn student.
+        anchor = np.minimum((_uniform(seed, rows, 0, 1)[:, 0] * data.num_students).astype(np.int64), data.num_students - 1)
+        room = data.classroom[anchor]
+        size = self._class_size[room]
+        j = np.arange(W)[None, :]
+        # Classmates in random order: exact permutations for small classes, distinct draws for large ones.
+        small = (size <= W)[:, None]
+        drawn = np.minimum((_uniform(seed, rows, 1, W) * size[:, None]).astype(np.int64), size[:, None] - 1)
+        member = np.where(small, j, drawn)
+        valid = np.where(small, j < size[:, None], True)
+        keys = np.where(valid, _uniform(seed, rows, 2, W), 2.0)
+        order = np.argsort(keys, axis=1, kind="stable")
+        member = np.take_along_axis(member, order, 1)
+        valid = np.take_along_axis(valid, order, 1)
+        by_member = np.argsort(member, axis=1, kind="stable")
+        sorted_member = np.take_along_axis(member, by_member, 1)
+        repeat = np.zeros_like(valid)
+        np.put_along_axis(repeat, by_member[:, 1:], sorted_member[:, 1:] == sorted_member[:, :-1], 1)
+        valid &= ~repeat
+        student = self._members[self._class_start[room][:, None] + np.where(valid, member, 0)]
+        pick = (_uniform(seed, rows, 3, W) * chunks.num_chunks[student]).astype(np.int64)
+        chunk = chunks.first_chunk[student] + np.minimum(pick, chunks.num_chunks[student] - 1)
+        length = chunks.length[chunk]
+
+        accept = np.zeros((B, W), bool)
+        col = np.zeros((B, W), np.int64)
+        cur = np.zeros(B, np.int64)
+        rejects = np.zeros(B, np.int64)
+        active = np.ones(B, bool)
+        for k in range(W):
+            considered = valid[:, k] & active
+            start = cur + (cur > 0)
+            fits = considered & (start + length[:, k] <= L)
+            accept[:, k], col[:, k] = fits, start
+            cur = np.where(fits, start + length[:, k], cur)
+            rejects += considered & ~fits
+            active &= (rejects < MAX_REJECTS) & (cur < L - 1)
+            if not active.any():
+                break
+        b, k = np.nonzero(accept)
+        slot = np.cumsum(accept, axis=1)[b, k]
+        return Placements(row=b, col=col[b, k], slot=slot, chunk=chunk[b, k])
+
+    def random_rows(self, seed: int, rows: np.ndarray) -> Sample:
+        sample, _ = self.compose(len(rows), self.random_placements(seed, rows))
+        return sample
+
+    def eval_layout(self, chunk_mask: np.ndarray | None = None) -> EvalLayout:
+        """The exhaustive, ordered pass over the chunks selected by ``chunk_mask`` (all by default)."""
+        chunks, L = self.chunks, self.seq_len
+        selected = np.arange(len(chunks)) if chunk_mask is None else np.flatnonzero(chunk_mask)
+        room = self.data.classroom[chunks.owner[selected]]
+        order = selected[np.lexsort((chunks.owner[selected], chunks.rank[selected], room))]
+        group = np.stack([self.data.classroom[chunks.owner[order]], chunks.rank[order]], 1)
+        new_group = np.ones(len(order), bool)
+        new_group[1:] = np.any(group[1:] != group[:-1], axis=1)
+        lengths = chunks.length[order].tolist()
+        row = np.empty(len(order), np.int64)
+        col = np.empty(len(order), np.int64)
+        slot = np.empty(len(order), np.int64)
+        r, cur, s = -1, L, 0
+        for i, (n, fresh) in enumerate(zip(lengths, new_group.tolist())):  # next-fit: one pass over chunks
+            if fresh or cur + 1 + n > L:
+                r, cur, s = r + 1, 0, 0
+                col[i] = 0
+            else:
+                col[i] = cur + 1
+            cur = col[i] + n
+            s += 1
+            row[i], slot[i] = r, s
+        return EvalLayout(self, Placements(row=row, col=col, slot=slot, chunk=order), num_rows=r + 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalLayout:
+    """Rows of an exhaustive pass, composed a batch at a time."""
+
+    packer: ClassroomPacker
+    placements: Placements  # sorted by row
+    num_rows: int
+
+    def num_batches(self, batch_size: int) -> int:
+        return -(-self.num_rows // batch_size)
+
+    def batch(self, index: int, batch_size: int) -> tuple[Sample, np.ndarray]:
+        """Rows ``[index*batch_size, (index+1)*batch_size)``, padded with empty rows at the end."""
+        lo, hi = index * batch_size, (index + 1) * batch_size
+        p = self.placements
+        a, b = np.searchsorted(p.row, [lo, hi])
+        part = Placements(row=p.row[a:b] - lo, col=p.col[a:b], slot=p.slot[a:b], chunk=p.chunk[a:b])
+        return self.packer.compose(batch_size, part)
+
+
+def to_seconds(value) -> int:
+    """An int is taken as seconds since 1970; a datetime (naive = UTC) is converted."""
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        return int(value.timestamp())
+    if hasattr(value, "timestamp") and not isinstance(value, (int, np.integer)):
+        return to_seconds(value.to_pydatetime())  # pandas Timestamp
+    return int(value)
+
+
+def pack_histories(
+    histories: Sequence[tuple[int, Sequence[str], Sequence]],
+    vocab: Vocabulary,
+    seq_len: int,
+    grade_level: int = 0,
+    time_origin: int = 0,
+) -> Sample:
+    """Composes one row by hand from ``(student_id, titles, timestamps)`` in row order.
+
+    Titles are raw strings (unknown ones become OOV); timestamps are ints (seconds) or datetimes.
+    """
+    titles, segments, times, positions = [], [], [], []
+    for slot, (_, student_titles, student_times) in enumerate(histories, start=1):
+        if len(student_titles) != len(student_times):
+            raise ValueError(f"student {slot}: {len(student_titles)} titles but {len(student_times)} timestamps")
+        if titles:
+            titles.append(vocab.sep)
+            segments.append(0)
+            times.append(0)
+            positions.append(0)
+        titles += [vocab.encode(t) for t in student_titles]
+        segments += [slot] * len(student_titles)
+        times += [to_seconds(t) - time_origin for t in student_times]
+        positions += list(range(len(student_titles)))
+    if len(titles) > seq_len:
+        raise ValueError(f"the histories need {len(titles)} tokens with separators, more than seq_len={seq_len}")
+    pad = seq_len - len(titles)
+    row = lambda values: np.asarray(values + [0] * pad, dtype=np.int32)  # noqa: E731
+    return Sample(row(titles), row(segments), row(times), row(positions), np.int32(grade_level))

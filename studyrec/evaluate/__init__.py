@@ -1,0 +1,35 @@
+"""Evaluation: hits@n, NDCG@n and MRR per student and subset, and heuristic baselines."""
+
+from studyrec.evaluate.baselines import BASELINES, recommend_baseline
+from studyrec.evaluate.metrics import (
+    AGGREGATE_COLUMNS,
+    PER_STUDENT_COLUMNS,
+    SUBSETS,
+    StudentStats,
+    aggregate_table,
+    hits_at_n,
+    per_student_table,
+    score_recommendations,
+    subset_masks,
+    target_ranks,
+    write_tables,
+)
+from studyrec.evaluate.topk import target_ranks_jax, title_mask
+
+__all__ = [
+    "AGGREGATE_COLUMNS",
+    "BASELINES",
+    "PER_STUDENT_COLUMNS",
+    "SUBSETS",
+    "StudentStats",
+    "aggregate_table",
+    "hits_at_n",
+    "per_student_table",
+    "recommend_baseline",
+    "score_recommendations",
+    "subset_masks",
+    "target_ranks",
+    "target_ranks_jax",
+    "title_mask",
+    "write_tables",
+]

@@ -1,0 +1,43 @@
+"""Top-k over the whole catalogue on device, and the rank of the target in it."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Float, Int
+
+
+def title_mask(num_titles: int) -> np.ndarray:
+    """bool [K+3]: True for the real titles ``1..K``; padding, ``<SEP>`` and OOV are never recommended."""
+    allowed = np.zeros(num_titles + 3, dtype=bool)
+    allowed[1 : num_titles + 1] = True
+    return allowed
+
+
+@functools.partial(jax.jit, static_argnames="k")
+def target_ranks_jax(
+    logits: Float[Array, "*batch vocab"],
+    targets: Int[Array, "*batch"],
+    k: int,
+    allowed: Bool[Array, " vocab"] | None = None,
+) -> tuple[Int[Array, "*batch k"], Int[Array, "*batch"]]:
+    """The k best ids per position (best first) and the 0-based rank of the target, k when absent.
+
+    Arguments:
+        logits: scores over the catalogue.
+        targets: the id actually read; a disallowed id (e.g. OOV) is never found.
+        k: list length; it should not exceed the number of allowed ids.
+        allowed: ids that may be recommended (see :func:`title_mask`); all when None.
+
+    Returns:
+        ``(topk, ranks)``, both int32.
+    """
+    if allowed is not None:
+        logits = jnp.where(allowed, logits, -jnp.inf)
+    _, ids = jax.lax.top_k(logits, k)
+    match = ids == targets[..., None]
+    ranks = jnp.where(match.any(axis=-1), jnp.argmax(match, axis=-1), k)
+    return ids.astype(jnp.int32), ranks.astype(jnp.int32)

@@ -1,0 +1,189 @@
+"""The shared transformer decoder (pre-LayerNorm, the reference's WMT-style layout, spec §5.1)."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+
+from studyrec.models.config import ModelConfig
+
+
+@functools.cache
+def sinusoidal_table(max_len: int, d_model: int) -> np.ndarray:
+    """The reference's table: sin and cos halves concatenated, divisor ``d/2 - 1``."""
+    half = d_model // 2
+    div = np.exp(-np.arange(half) * math.log(10000.0) / max(half - 1, 1))
+    angles = np.arange(max_len)[:, None] * div[None, :]
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1).astype(np.float32)
+
+
+def _xavier(key: PRNGKeyArray, fan_in: int, fan_out: int) -> Float[Array, "i o"]:
+    limit = math.sqrt(6.0 / (fan_in + fan_out))
+    return jax.random.uniform(key, (fan_in, fan_out), minval=-limit, maxval=limit)
+
+
+class LayerNorm(eqx.Module):
+    scale: Float[Array, " d"]
+    bias: Float[Array, " d"]
+    eps: float = eqx.field(static=True, default=1e-6)
+
+    def __init__(self, d: int):
+        self.scale, self.bias = jnp.ones(d), jnp.zeros(d)
+
+    def __call__(self, x: Float[Array, "seq d"]) -> Float[Array, "seq d"]:
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        return ((x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale + self.bias).astype(x.dtype)
+
+
+class Attention(eqx.Module):
+    """Multi-head self-attention without biases."""
+
+    wq: Float[Array, "d qkv"]
+    wk: Float[Array, "d qkv"]
+    wv: Float[Array, "d qkv"]
+    wo: Float[Array, "qkv d"]
+    weight_dropout: eqx.nn.Dropout
+    num_heads: int = eqx.field(static=True)
+
+    def __init__(self, config: ModelConfig, *, key: PRNGKeyArray):
+        kq, kk, kv, ko = jax.random.split(key, 4)
+        d, qkv = config.d_model, config.qkv_dim
+        self.wq, self.wk, self.wv = _xavier(kq, d, qkv), _xavier(kk, d, qkv), _xavier(kv, d, qkv)
+        self.wo = _xavier(ko, qkv, d)
+        self.weight_dropout = eqx.nn.Dropout(config.attention_dropout)
+        self.num_heads = config.num_heads
+
+    def __call__(
+        self, x: Float[Array, "seq d"], mask: Bool[Array, "seq seq"], *, key: PRNGKeyArray | None
+    ) -> Float[Array, "seq d"]:
+        T, dt = x.shape[0], x.dtype
+        split = lambda w: (x @ w.astype(dt)).reshape(T, self.num_heads, -1)  # noqa: E731
+        q, k, v = split(self.wq), split(self.wk), split(self.wv)
+        if self.weight_dropout.inference or self.weight_dropout.p == 0:
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask[None])
+        else:  # dropout on the attention weights needs them materialised
+            scores = jnp.einsum("qhd,khd->hqk", q, k) / math.sqrt(q.shape[-1])
+            scores = jnp.where(mask[None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+            weights = self.weight_dropout(jax.nn.softmax(scores, axis=-1), key=key).astype(dt)
+            out = jnp.einsum("hqk,khd->qhd", weights, v)
+        return out.reshape(T, -1) @ self.wo.astype(dt)
+
+
+class MLP(eqx.Module):
+    w1: Float[Array, "d mlp"]
+    b1: Float[Array, " mlp"]
+    w2: Float[Array, "mlp d"]
+    b2: Float[Array, " d"]
+    dropout: eqx.nn.Dropout
+
+    def __init__(self, config: ModelConfig, *, key: PRNGKeyArray):
+        k1, k2, k3, k4 = jax.random.split(key, 4)
+        self.w1, self.w2 = _xavier(k1, config.d_model, config.mlp_dim), _xavier(k2, config.mlp_dim, config.d_model)
+        self.b1 = 1e-6 * jax.random.normal(k3, (config.mlp_dim,))
+        self.b2 = 1e-6 * jax.random.normal(k4, (config.d_model,))
+        self.dropout = eqx.nn.Dropout(config.dropout)
+
+    def __call__(self, x: Float[Array, "seq d"], *, key: PRNGKeyArray | None) -> Float[Array, "seq d"]:
+        dt = x.dtype
+        k1, k2 = (None, None) if key is None else jax.random.split(key)
+        h = jax.nn.relu(x @ self.w1.astype(dt) + self.b1.astype(dt))
+        h = self.dropout(h, key=k1)
+        return self.dropout(h @ self.w2.astype(dt) + self.b2.astype(dt), key=k2)
+
+
+class Block(eqx.Module):
+    """``x + Dropout(Attn(LN(x)))``, then ``x + MLP(LN(x))``."""
+
+    ln1: LayerNorm
+    attention: Attention
+    ln2: LayerNorm
+    mlp: MLP
+    dropout: eqx.nn.Dropout
+
+    def __init__(self, config: ModelConfig, *, key: PRNGKeyArray):
+        ka, km = jax.random.split(key)
+        self.ln1, self.ln2 = LayerNorm(config.d_model), LayerNorm(config.d_model)
+        self.attention = Attention(config, key=ka)
+        self.mlp = MLP(config, key=km)
+        self.dropout = eqx.nn.Dropout(config.dropout)
+
+    def __call__(
+        self, x: Float[Array, "seq d"], mask: Bool[Array, "seq seq"], *, key: PRNGKeyArray | None
+    ) -> Float[Array, "seq d"]:
+        ka, kd, km = (None, None, None) if key is None else jax.random.split(key, 3)
+        x = x + self.dropout(self.attention(self.ln1(x), mask, key=ka), key=kd)
+        return x + self.mlp(self.ln2(x), key=km)
+
+
+class Decoder(eqx.Module):
+    """Embeddings, a scanned stack of blocks, final LayerNorm and the output layer."""
+
+    embedding: Float[Array, "vocab d"]
+    blocks: Block  # stacked: every array has a leading ``layers`` axis
+    final_ln: LayerNorm
+    out_kernel: Float[Array, "d vocab"] | None
+    out_bias: Float[Array, " vocab"]
+    grade_bias: Float[Array, "grades vocab"] | None
+    embed_dropout: eqx.nn.Dropout
+    config: ModelConfig = eqx.field(static=True)
+
+    def __init__(self, config: ModelConfig, *, key: PRNGKeyArray):
+        ke, kb, ko, kg, kbias = jax.random.split(key, 5)
+        V, d = config.vocab_size, config.d_model
+        # Tied tables double as output weights, so they start at the scale of a dense kernel.
+        scale = 1.0 / math.sqrt(d) if config.tie_embeddings else 1.0
+        self.embedding = scale * jax.random.normal(ke, (V, d))
+        self.blocks = eqx.filter_vmap(lambda k: Block(config, key=k))(jax.random.split(kb, config.num_layers))
+        self.final_ln = LayerNorm(d)
+        self.out_kernel = None if config.tie_embeddings else _xavier(ko, d, V)
+        self.out_bias = 1e-6 * jax.random.normal(kbias, (V,))
+        self.grade_bias = (
+            None if config.num_grade_levels is None else 0.01 * jax.random.normal(kg, (config.num_grade_levels + 1, V))
+        )
+        self.embed_dropout = eqx.nn.Dropout(config.dropout)
+        self.config = config
+
+    def __call__(
+        self,
+        inputs: Int[Array, " seq"],
+        positions: Int[Array, " seq"],
+        mask: Bool[Array, "seq seq"],
+        grade_level: Int[Array, ""],
+        *,
+        key: PRNGKeyArray | None = None,
+    ) -> Float[Array, "seq vocab"]:
+        """Logits (float32) at every position for already-shifted ``inputs``."""
+        dt = jnp.dtype(self.config.dtype)
+        ke, kb = (None, None) if key is None else jax.random.split(key)
+        x = self.embedding[inputs]
+        if self.config.tie_embeddings:
+            x = x * math.sqrt(self.config.d_model)
+        x = x + jnp.asarray(sinusoidal_table(self.config.max_len, self.config.d_model))[positions]
+        x = self.embed_dropout(x, key=ke).astype(dt)
+        # A query that sees nothing (padding) attends to itself, so no softmax row is empty.
+        mask = mask | jnp.eye(mask.shape[0], dtype=bool)
+
+        params, static = eqx.partition(self.blocks, eqx.is_array)
+        layer_keys = None if kb is None else jax.random.split(kb, self.config.num_layers)
+
+        def layer(x, xs):
+            block_params, layer_key = xs
+            return eqx.combine(block_params, static)(x, mask, key=layer_key), None
+
+        x, _ = jax.lax.scan(layer, x, (params, layer_keys))
+        x = self.final_ln(x)
+        kernel = self.embedding.T if self.out_kernel is None else self.out_kernel
+        logits = (x @ kernel.astype(dt)).astype(jnp.float32) + self.out_bias
+        if self.grade_bias is not None:
+            levels = self.grade_bias.shape[0] - 1
+            grade = jnp.where((grade_level > 0) & (grade_level <= levels), grade_level, 0)
+            logits = logits + self.grade_bias[grade]
+        return logits

@@ -1,0 +1,67 @@
+"""Individual and STUDY: the same decoder under two attention masks (spec §5.2, §5.3)."""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+from studyrec.data.packing import Sample
+from studyrec.models.config import ModelConfig
+from studyrec.models.decoder import Decoder
+from studyrec.models.masks import individual_mask, study_mask
+
+
+def shift_within_students(titles: Int[Array, " seq"], segments: Int[Array, " seq"]) -> Int[Array, " seq"]:
+    """Position p embeds the title at p-1 of the same student; each student starts from 0 (BOS).
+
+    So the logits at p predict ``titles[p]`` without seeing it.
+    """
+    previous = jnp.concatenate([jnp.zeros(1, titles.dtype), titles[:-1]])
+    same_student = jnp.concatenate([jnp.zeros(1, bool), segments[1:] == segments[:-1]])
+    return jnp.where(same_student & (segments > 0), previous, 0)
+
+
+class Individual(eqx.Module):
+    """Each student's prediction attends only to that student's own past."""
+
+    decoder: Decoder
+
+    def __init__(self, config: ModelConfig, *, key: PRNGKeyArray):
+        self.decoder = Decoder(config, key=key)
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.decoder.config
+
+    def mask(self, sample: Sample):
+        return individual_mask(sample.segments)
+
+    def __call__(self, sample: Sample, *, key: PRNGKeyArray | None = None) -> Float[Array, "seq vocab"]:
+        inputs = shift_within_students(sample.titles, sample.segments)
+        return self.decoder(inputs, sample.positions, self.mask(sample), sample.grade_level, key=key)
+
+
+class Study(Individual):
+    """STUDY: also attends to classmates' interactions strictly earlier in time.
+
+    The mask is built on the unshifted timestamps while key k carries the title at k-1, as in the
+    reference. This is leak-free, with a one-step lag: a classmate's title at j becomes visible only
+    through their next interaction j+1 in the row (when that one is strictly earlier than the
+    query), so each classmate's latest title in the row is never seen.
+    """
+
+    def mask(self, sample: Sample):
+        return study_mask(sample.segments, sample.timestamps)
+
+
+MODELS: dict[str, type[Individual]] = {"individual": Individual, "study": Study}
+
+
+def build(name: str, config: ModelConfig, *, key: PRNGKeyArray) -> Individual:
+    """A fresh model by name: ``"study"`` or ``"individual"``."""
+    try:
+        cls = MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}") from None
+    return cls(config, key=key)

@@ -1,0 +1,199 @@
+"""Experiment configuration: frozen dataclasses that tyro turns into flags, and named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from studyrec.models import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ArchConfig:
+    """Decoder sizes (the vocabulary width comes from the data)."""
+
+    num_layers: int = 2
+    """Decoder blocks."""
+    d_model: int = 64
+    """Embedding and residual width."""
+    qkv_dim: int = 64
+    """Total query/key/value width over all heads."""
+    num_heads: int = 4
+    """Attention heads."""
+    mlp_dim: int = 256
+    """Hidden width of the MLPs."""
+    dropout: float = 0.1
+    """Dropout on embeddings, attention outputs and MLPs."""
+    attention_dropout: float = 0.1
+    """Dropout on attention weights (0 enables the fused attention kernel in training)."""
+    tie_embeddings: bool = False
+    """Use the input embedding table as the output layer."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Compute dtype: auto is bfloat16 on GPU/TPU and float32 on CPU."""
+
+    def model_config(self, vocab_size: int, num_grade_levels: int | None, seq_len: int, platform: str) -> ModelConfig:
+        dtype = self.dtype if self.dtype != "auto" else ("float32" if platform == "cpu" else "bfloat16")
+        return ModelConfig(
+            vocab_size=vocab_size,
+            num_layers=self.num_layers,
+            d_model=self.d_model,
+            qkv_dim=self.qkv_dim,
+            num_heads=self.num_heads,
+            mlp_dim=self.mlp_dim,
+            dropout=self.dropout,
+            attention_dropout=self.attention_dropout,
+            max_len=max(seq_len, 512),
+            num_grade_levels=num_grade_levels,
+            tie_embeddings=self.tie_embeddings,
+            dtype=dtype,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class WandbConfig:
+    """Weights & Biases logging. Offline by default: nothing leaves the machine."""
+
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    """offline writes under the output dir (``wandb sync`` uploads it later); online needs ``wandb login``."""
+    project: str = "studyrec"
+    """W&B project."""
+    name: str | None = None
+    """Run name (default: the output dir's name)."""
+    tags: tuple[str, ...] = ()
+    """Run tags."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DistConfig:
+    """Multi-process setup through ``jax.distributed``; leave empty for one process."""
+
+    auto: bool = False
+    """Let JAX detect SLURM / Open MPI / TPU environments (``jax.distributed.initialize()``)."""
+    coordinator_address: str | None = None
+    """``host:port`` of process 0, for a manual launch."""
+    num_processes: int | None = None
+    """Total processes, for a manual launch."""
+    process_id: int | None = None
+    """This process's index, for a manual launch."""
+    local_device_ids: tuple[int, ...] | None = None
+    """Devices this process drives (default: all visible)."""
+    timeout_s: int = 300
+    """Seconds to wait for every process to join before giving up."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Train STUDY or Individual on classroom-packed reading histories."""
+
+    model: Literal["study", "individual"] = "study"
+    """Which recommender to train."""
+    preset: Literal["default", "cpu-small", "paper"] = "default"
+    """Starting point for every other flag (flags given explicitly win)."""
+    train_data: tuple[str, ...] = ()
+    """Training activity CSV/Parquet files (default: the bundled sample)."""
+    valid_data: tuple[str, ...] = ()
+    """Validation activity files (default: the bundled sample)."""
+    student_info: str | None = None
+    """student_info CSV: StudentID, OrgnID, GRADE_LVL_NBR (default: the bundled sample's)."""
+    school_info: str | None = None
+    """school_info CSV: OrgnID, Parent_Building_ID (needed for district_grade)."""
+    output_dir: str = "runs/{model}"
+    """Run directory; rerunning with the same one resumes from its last checkpoint."""
+    steps: int = 400
+    """Training steps."""
+    seq_len: int = 65
+    """Tokens per packed classroom row."""
+    student_chunk_size: int | None = None
+    """Longest run of one student's interactions in a row (default: seq_len)."""
+    per_device_batch_size: int = 32
+    """Rows per device per step; the global batch is this times every device of every host."""
+    learning_rate: float = 0.0016
+    """Peak learning rate (at a global batch of 2048 when scale_lr is on)."""
+    scale_lr: bool = True
+    """Scale learning_rate by global_batch/2048, the reference README's rule."""
+    warmup_steps: int = 1000
+    """Linear warm-up steps, then inverse square-root decay."""
+    weight_decay: float = 0.1
+    """AdamW weight decay."""
+    decay_all_params: bool = False
+    """Decay biases, LayerNorm and embeddings too, as the reference does (default: matrices only)."""
+    grad_clip: float | None = 1.0
+    """Clip the global gradient norm (None: no clipping, as the reference)."""
+    vocab_size: int = 2000
+    """Titles kept in the vocabulary (most read first); 0 keeps all."""
+    classroom_grouping: Literal["school_grade", "district_grade", "grade", "none"] = "school_grade"
+    """Who shares a row: see the README's table of groupings."""
+    grade_levels: int | None = None
+    """Highest grade for grade-level conditioning (None: off)."""
+    eval_every: int = 100
+    """Steps between evaluations of loss and accuracy on fixed batches."""
+    eval_rows: int = 512
+    """Rows in the fixed train and validation batches scored every eval_every steps."""
+    save_every: int = 200
+    """Steps between checkpoints (one is always written at the end)."""
+    keep_checkpoints: int = 3
+    """Checkpoints kept."""
+    log_every: int = 20
+    """Steps between metric logs."""
+    seed: int = 0
+    """Seeds the initial parameters, dropout and the training rows."""
+    n_recommendations: tuple[int, ...] = (1, 3, 5, 10, 20)
+    """The n of hits@n in the final evaluation."""
+    eval_context: Literal["valid-only", "history"] = "valid-only"
+    """Final evaluation context: the validation file alone (the reference), or each student's and classmates' training history too."""
+    fsdp: int = 1
+    """Devices that share each parameter (fully sharded data parallel); 1 = replicate."""
+    prefetch: int = 8
+    """Batches packed ahead of the device."""
+    arch: ArchConfig = ArchConfig()
+    """Model sizes."""
+    wandb: WandbConfig = WandbConfig()
+    """Weights & Biases."""
+    dist: DistConfig = DistConfig()
+    """Multi-process runs."""
+    debug: bool = False
+    """Show full tracebacks on errors."""
+
+    @property
+    def chunk_size(self) -> int:
+        return self.student_chunk_size or self.seq_len
+
+    def run_dir(self) -> str:
+        return self.output_dir.format(model=self.model)
+
+
+PRESETS: dict[str, TrainConfig] = {
+    # Small enough to train on the bundled data on a laptop CPU in a couple of minutes.
+    "default": TrainConfig(learning_rate=3e-3, scale_lr=False, warmup_steps=100),
+    # The side-by-side comparison with the reference on a 2-core CPU.
+    "cpu-small": TrainConfig(
+        preset="cpu-small",
+        arch=ArchConfig(num_layers=2, d_model=128, qkv_dim=128, num_heads=8, mlp_dim=512),
+        seq_len=65,
+        student_chunk_size=65,
+        per_device_batch_size=32,
+        steps=2000,
+        learning_rate=1e-3,
+        scale_lr=False,
+        warmup_steps=200,
+        eval_every=250,
+        save_every=500,
+    ),
+    # The reference README's paper-scale run.
+    "paper": TrainConfig(
+        preset="paper",
+        arch=ArchConfig(num_layers=6, d_model=256, qkv_dim=256, num_heads=8, mlp_dim=1024),
+        seq_len=65,
+        student_chunk_size=65,
+        per_device_batch_size=2048,
+        steps=224_000,
+        learning_rate=0.0016,
+        scale_lr=True,
+        warmup_steps=1000,
+        grad_clip=None,
+        eval_every=500,
+        eval_rows=65536,
+        save_every=1000,
+        log_every=100,
+    ),
+}

@@ -1,0 +1,264 @@
+"""The training job: data, model, sharded steps, evaluation, checkpoints and the final outputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from studyrec.data import dataset
+from studyrec.data.atomic import write_text_atomic
+from studyrec.data.interactions import Interactions, make_chunks
+from studyrec.data.packing import ClassroomPacker
+from studyrec.data.pipeline import local_rows, prefetching, training_batches
+from studyrec.data.vocab import Vocabulary
+from studyrec.evaluate import model_eval
+from studyrec.evaluate.metrics import write_tables
+from studyrec.models import ModelConfig, build
+from studyrec.train import distributed
+from studyrec.train.checkpoint import Checkpoints
+from studyrec.train.config import TrainConfig
+from studyrec.train.mesh import make_mesh, place_batch, shard_params
+from studyrec.train.step import eval_sums, make_optimizer, make_train_step, schedule, summarise
+from studyrec.train.tracking import Tracker
+
+logger = logging.getLogger("studyrec.train")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss, say); the last good checkpoint is kept."""
+
+
+def prepare_run_dir(path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"--output-dir {path} is a file; give a directory")
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / ".write_test"
+    try:
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise PermissionError(f"--output-dir {path} is not writable ({e.strerror})") from None
+
+
+def _packer(data: Interactions, cfg: TrainConfig, vocab: Vocabulary, origin: int, align: str = "start") -> ClassroomPacker:
+    return ClassroomPacker(data, make_chunks(data, cfg.chunk_size, align), cfg.seq_len, vocab.sep, origin)
+
+
+def _write_config(run_dir: Path, cfg: TrainConfig, model_config: ModelConfig, extra: dict, resumed_at: int | None) -> None:
+    path = run_dir / "config.json"
+    history = json.loads(path.read_text()).get("resumes", []) if path.exists() else []
+    if resumed_at is not None:
+        history.append({"step": resumed_at, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    record = {
+        "config": dataclasses.asdict(cfg),
+        "model": cfg.model,
+        "model_config": dataclasses.asdict(model_config),
+        **extra,
+        "resumes": history,
+    }
+    write_text_atomic(path, json.dumps(record, indent=2))
+
+
+class _StopRequest:
+    """SIGTERM / SIGINT ask the loop to checkpoint and exit at the end of the current step."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Runs (or resumes) a training job and writes its run directory; returns the directory."""
+    distributed.initialize(cfg.dist)
+    is_main = jax.process_index() == 0
+    run_dir = Path(cfg.run_dir())
+    if is_main:
+        prepare_run_dir(run_dir)
+
+    mesh = make_mesh(cfg.fsdp)
+    n_devices = jax.device_count()
+    global_batch = cfg.per_device_batch_size * n_devices
+    peak_lr = cfg.learning_rate * (global_batch / 2048 if cfg.scale_lr else 1.0)
+    if cfg.chunk_size > cfg.seq_len:
+        raise ValueError(f"--student-chunk-size {cfg.chunk_size} is larger than --seq-len {cfg.seq_len}")
+
+    # Data: validated frames, the vocabulary (reused on resume), encoded interactions.
+    paths = dataset.DataPaths.resolve(cfg.train_data, cfg.valid_data, cfg.student_info, cfg.school_info)
+    frames = dataset.Frames.load(paths)
+    vocab_path = run_dir / "vocab.json"
+    vocab = Vocabulary.load(vocab_path) if vocab_path.exists() else dataset.build_vocab(frames, cfg.vocab_size)
+    origin = dataset.time_origin(frames.train)
+    train_data = dataset.encode(frames.train, vocab, frames, cfg.classroom_grouping)
+    logger.info(dataset.describe("train", train_data))
+    train_packer = _packer(train_data, cfg, vocab, origin)
+    valid_packer = None
+    if frames.valid is not None:
+        valid_data = dataset.encode(frames.valid, vocab, frames, cfg.classroom_grouping)
+        logger.info(dataset.describe("valid", valid_data))
+        valid_packer = _packer(valid_data, cfg, vocab, origin)
+
+    # Model and optimizer, placed by the rule table.
+    model_config = cfg.arch.model_config(vocab.logits_size, cfg.grade_levels, cfg.seq_len, jax.default_backend())
+    model = build(cfg.model, model_config, key=jax.random.key(cfg.seed))
+    optimizer = make_optimizer(
+        model,
+        peak_lr=peak_lr,
+        warmup=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay,
+        grad_clip=cfg.grad_clip,
+        decay_all=cfg.decay_all_params,
+    )
+    model = shard_params(model, mesh)
+    opt_state = shard_params(optimizer.init(eqx.filter(model, eqx.is_inexact_array)), mesh)
+
+    pi, pc = jax.process_index(), jax.process_count()
+    batches = training_batches(
+        train_packer, seed=cfg.seed, global_batch=global_batch, num_steps=cfg.steps, process_index=pi, process_count=pc
+    )
+    iterator = prefetching(batches, buffer=cfg.prefetch)
+    checkpoints = Checkpoints(run_dir, keep=cfg.keep_checkpoints)
+    start = checkpoints.latest_step() or 0
+    if start:
+        model, opt_state, meta = checkpoints.restore(start, model, opt_state, iterator)
+        if meta.get("model") not in (None, cfg.model):
+            raise ValueError(f"{run_dir} holds a {meta['model']!r} run; it cannot resume as --model {cfg.model}")
+        logger.info("resumed from step %d", start)
+
+    extra = {"time_origin": origin, "vocab_size": len(vocab), "global_batch": global_batch, "peak_lr": peak_lr,
+             "devices": n_devices, "processes": pc, "platform": jax.default_backend()}
+    if is_main:
+        vocab.save(vocab_path)
+        _write_config(run_dir, cfg, model_config, extra, start or None)
+    tracker = Tracker(run_dir, {**dataclasses.asdict(cfg), **extra}, cfg.wandb, resume_step=start, enabled=is_main)
+
+    # Fixed rows scored every eval_every steps, packed once.
+    def fixed(packer: ClassroomPacker | None):
+        if packer is None or cfg.eval_rows <= 0:
+            return None
+        rows = math.ceil(cfg.eval_rows / global_batch) * global_batch
+        local = local_rows(0, rows, pi, pc) + 10**12  # far from the training rows
+        return place_batch(packer.random_rows(cfg.seed + 1, local), mesh)
+
+    probes = {"train_": fixed(train_packer), "valid_": fixed(valid_packer)}
+
+    def evaluate(step: int) -> dict:
+        inference = eqx.nn.inference_mode(model)
+        results = {}
+        for prefix, batch in probes.items():
+            if batch is not None:
+                results.update(summarise(eval_sums(inference, batch, vocab.oov), prefix))
+        return results
+
+    step_fn = make_train_step(optimizer, vocab.oov)
+    learning_rate = schedule(peak_lr, cfg.warmup_steps)
+    dropout_key = jax.random.key(cfg.seed + 2)
+    tokens_per_step = global_batch * cfg.seq_len
+    bar = tqdm(total=cfg.steps, initial=start, disable=not is_main, desc=f"train {cfg.model}", dynamic_ncols=True)
+    wait, tick, last_logged = 0.0, time.perf_counter(), start
+    meta = {"model": cfg.model, "vocab_size": len(vocab)}
+
+    def save(step: int, force: bool = False) -> None:
+        checkpoints.save(step, model, opt_state, meta, iterator, force=force)
+
+    with _StopRequest() as stop:
+        for step in range(start, cfg.steps):
+            t0 = time.perf_counter()
+            local = next(iterator)
+            wait += time.perf_counter() - t0
+            model, opt_state, sums = step_fn(model, opt_state, place_batch(local, mesh), jax.random.fold_in(dropout_key, step))
+            done = step + 1
+            bar.update(1)
+            last = done == cfg.steps
+            if done % cfg.log_every == 0 or last or done % cfg.save_every == 0:
+                metrics = summarise(sums, "train/")
+                if not math.isfinite(metrics["train/loss"]):
+                    raise TrainingError(
+                        f"the training loss became {metrics['train/loss']} at step {done}; the last good checkpoint "
+                        f"({checkpoints.latest_step()}) is kept. Lower --learning-rate or set --grad-clip."
+                    )
+                elapsed = time.perf_counter() - tick
+                steps_done = done - last_logged
+                metrics.update({
+                    "train/grad_norm": float(sums["grad_norm"]),
+                    "train/learning_rate": float(learning_rate(step)),
+                    "perf/steps_per_s": steps_done / elapsed,
+                    "perf/tokens_per_s": steps_done * tokens_per_step / elapsed,
+                    "perf/host_wait_fraction": wait / elapsed,
+                })
+                tick, wait, last_logged = time.perf_counter(), 0.0, done
+                if done % cfg.eval_every == 0 or last:
+                    metrics.update({f"eval/{k}": v for k, v in evaluate(done).items()})
+                tracker.log(done, metrics)
+                bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", steps_s=f"{metrics['perf/steps_per_s']:.2f}",
+                                tok_s=f"{metrics['perf/tokens_per_s']:.0f}")
+            if done % cfg.save_every == 0 or last:
+                save(done)
+            if stop.signal is not None:
+                save(done, force=True)
+                checkpoints.wait()
+                bar.close()
+                logger.warning("stopped by signal %d after step %d; rerun the same command to resume", stop.signal, done)
+                raise KeyboardInterrupt
+    bar.close()
+    checkpoints.wait()
+
+    if valid_packer is not None:
+        final_evaluation(cfg, model, frames, vocab, origin, mesh, global_batch, tracker, run_dir, is_main)
+    tracker.finish()
+    checkpoints.close()
+    return run_dir
+
+
+def final_evaluation(cfg, model, frames, vocab, origin, mesh, global_batch, tracker, run_dir, is_main) -> None:
+    """Scores every validation interaction; writes per_student.csv, aggregate.csv, recommendations.json."""
+    if cfg.eval_context == "history":
+        joined, scored = dataset.with_history(frames)
+        data = dataset.encode(joined, vocab, frames, cfg.classroom_grouping, scored=scored)
+        packer = _packer(data, cfg, vocab, origin, align="end")
+        chunk_has_scored = np.add.reduceat(data.scored, packer.chunks.start) > 0
+        layout = packer.eval_layout(chunk_has_scored)
+    else:
+        data = dataset.encode(frames.valid, vocab, frames, cfg.classroom_grouping)
+        packer = _packer(data, cfg, vocab, origin)
+        layout = packer.eval_layout()
+    k = max(cfg.n_recommendations)
+    topk = model_eval.predict_topk(
+        eqx.nn.inference_mode(model), layout, k=k, num_titles=vocab.num_titles, mesh=mesh,
+        global_batch=global_batch, progress=is_main,
+    )
+    if not is_main:
+        return
+    per_student, aggregate = model_eval.tables(model_eval.score(data, topk, tuple(cfg.n_recommendations)))
+    write_tables(run_dir, per_student, aggregate)
+    model_eval.write_recommendations(run_dir / "recommendations.json", data, topk, vocab)
+    tracker.table("aggregate", aggregate)
+    summary = {
+        f"final/{row.Evaluation_Type}/hits@{row.N_Recommendations}": row.Hits_at_N for row in aggregate.itertuples()
+    }
+    tracker.summary(summary)
+    logger.info("final evaluation:\n%s", aggregate.to_string(index=False))

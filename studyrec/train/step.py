@@ -1,0 +1,108 @@
+"""Loss, optimizer and the jitted training and evaluation steps."""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+from studyrec.data.packing import Sample
+from studyrec.models import Individual
+
+
+def schedule(peak: float, warmup: int) -> optax.Schedule:
+    """Linear warm-up to ``peak``, then ``peak * sqrt(warmup / step)`` (the reference's rsqrt decay)."""
+    warmup = max(warmup, 1)
+
+    def lr(step):
+        step = jnp.asarray(step, jnp.float32)
+        return peak * jnp.where(step < warmup, step / warmup, jnp.sqrt(warmup / (step + 0.01)))
+
+    return lr
+
+
+DECAYED = frozenset({"wq", "wk", "wv", "wo", "w1", "w2", "out_kernel"})
+
+
+def decay_mask(model: Individual):
+    """Weight decay on dense kernels only: not on biases, LayerNorm, or embedding tables."""
+    params = eqx.filter(model, eqx.is_inexact_array)
+    return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], "name", None) in DECAYED, params)
+
+
+def make_optimizer(
+    model: Individual, *, peak_lr: float, warmup: int, weight_decay: float, grad_clip: float | None, decay_all: bool
+) -> optax.GradientTransformation:
+    """AdamW (b1 0.9, b2 0.98, eps 1e-9) as the reference, with optional clipping and a decay mask."""
+    mask = None if decay_all else decay_mask(model)
+    adamw = optax.adamw(schedule(peak_lr, warmup), b1=0.9, b2=0.98, eps=1e-9, weight_decay=weight_decay, mask=mask)
+    return optax.chain(optax.clip_by_global_norm(grad_clip), adamw) if grad_clip else adamw
+
+
+def weighted_metrics(
+    logits: Float[Array, "batch seq vocab"], batch: Sample, oov: int
+) -> dict[str, Float[Array, ""]]:
+    """Token sums over the whole (global) batch: loss, correct, correct ignoring OOV, and the weight.
+
+    Targets are every real token (separators and padding excluded, OOV included, as the reference).
+    """
+    weights = (batch.segments > 0).astype(jnp.float32)
+    targets = batch.titles
+    xent = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32) * weights
+    return {
+        "loss_sum": jnp.sum(xent * weights),
+        "correct": jnp.sum(correct),
+        "correct_no_oov": jnp.sum(correct * (targets != oov)),
+        "weight": jnp.sum(weights),
+    }
+
+
+def summarise(sums: dict[str, Array], prefix: str = "") -> dict[str, float]:
+    """Token-weighted averages from ``weighted_metrics`` sums."""
+    w = max(float(sums["weight"]), 1.0)
+    return {
+        f"{prefix}loss": float(sums["loss_sum"]) / w,
+        f"{prefix}accuracy": float(sums["correct"]) / w,
+        f"{prefix}oov_corrected_accuracy": float(sums["correct_no_oov"]) / w,
+    }
+
+
+def batched_logits(model: Individual, batch: Sample, key: PRNGKeyArray | None) -> Float[Array, "batch seq vocab"]:
+    if key is None:
+        return jax.vmap(model)(batch)
+    keys = jax.random.split(key, batch.titles.shape[0])
+    return jax.vmap(lambda sample, k: model(sample, key=k))(batch, keys)
+
+
+def make_train_step(optimizer: optax.GradientTransformation, oov: int):
+    """``step(model, opt_state, batch, key) -> (model, opt_state, metrics)``, jitted, buffers donated."""
+
+    def loss_fn(model, batch, key):
+        sums = weighted_metrics(batched_logits(model, batch, key), batch, oov)
+        return sums["loss_sum"] / jnp.maximum(sums["weight"], 1.0), sums
+
+    @eqx.filter_jit(donate="all")
+    def step(model, opt_state, batch: Sample, key: PRNGKeyArray):
+        (_, sums), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(model, batch, key)
+        updates, opt_state = optimizer.update(grads, opt_state, eqx.filter(model, eqx.is_inexact_array))
+        model = eqx.apply_updates(model, updates)
+        return model, opt_state, {**sums, "grad_norm": optax.global_norm(grads)}
+
+    return step
+
+
+@eqx.filter_jit
+def eval_sums(model: Individual, batch: Sample, oov: int) -> dict[str, Array]:
+    """Metric sums of the inference-mode model on one batch."""
+    return weighted_metrics(batched_logits(model, batch, None), batch, oov)
+
+
+@eqx.filter_jit
+def top_titles(model: Individual, batch: Sample, k: int, num_titles: int) -> Int[Array, "batch seq k"]:
+    """The ``k`` best real titles (ids ``1..num_titles``) at every position; never pad, SEP or OOV."""
+    logits = batched_logits(model, batch, None)
+    _, index = jax.lax.top_k(logits[..., 1 : num_titles + 1], k)
+    return index + 1

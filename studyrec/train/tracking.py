@@ -1,0 +1,68 @@
+"""Metric logging: ``metrics.jsonl`` in the run directory and Weights & Biases (offline by default)."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+from studyrec.train.config import WandbConfig
+
+
+class Tracker:
+    """Writes on process 0 only. On resume, ``metrics.jsonl`` drops lines past the restored step."""
+
+    def __init__(self, run_dir: Path, config: dict, wandb_config: WandbConfig, *, resume_step: int, enabled: bool):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.run = None
+        if not enabled:
+            return
+        self._truncate_after(resume_step)
+        if wandb_config.mode != "disabled":
+            import wandb
+
+            run_id_file = run_dir / "wandb_id.txt"
+            run_id = run_id_file.read_text().strip() if run_id_file.exists() else uuid.uuid4().hex[:12]
+            run_id_file.write_text(run_id)
+            self.run = wandb.init(
+                project=wandb_config.project,
+                name=wandb_config.name or run_dir.name,
+                tags=list(wandb_config.tags),
+                config=config,
+                dir=str(run_dir),
+                mode=wandb_config.mode,
+                id=run_id,
+                resume="allow",
+            )
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+
+    def table(self, name: str, frame) -> None:
+        if self.enabled and self.run is not None:
+            import wandb
+
+            self.run.log({name: wandb.Table(dataframe=frame)})
+
+    def summary(self, values: dict) -> None:
+        if self.enabled and self.run is not None:
+            self.run.summary.update(values)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
