@@ -36,7 +36,8 @@ def movielens(cfg: MovieLens) -> None:
     paths = write(data, cfg.out)
     n = len(data.train) + len(data.valid)
     print(f"wrote {paths['train']}: {len(data.train)} interactions")
-    print(f"wrote {paths['valid']}: {len(data.valid)} interactions ({len(data.valid) / n:.1%}, from {data.valid['Date'].min()})")
+    share = len(data.valid) / n
+    print(f"wrote {paths['valid']}: {len(data.valid)} interactions ({share:.1%}, from {data.valid['Date'].min()})")
     print(f"wrote {paths['student_info']}: {len(data.student_info)} users")
     print(f"wrote {paths['school_info']}: {len(data.school_info)} zip-code regions")
 

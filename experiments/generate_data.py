@@ -68,13 +68,18 @@ def run(cfg: Config) -> dict[str, Path]:
     )
     paths = write(data, cfg.out)
     titles = len(set(data.train["SHLF_NUM"]) | set(data.valid["SHLF_NUM"]))
-    print(f"wrote {paths['train']}: {len(data.train)} interactions ({data.train['Date'].min()} to {data.train['Date'].max()})")
-    print(f"wrote {paths['valid']}: {len(data.valid)} interactions ({data.valid['Date'].min()} to {data.valid['Date'].max()})")
+    districts = data.school_info["Parent_Building_ID"].nunique()
+    for key in ("train", "valid"):
+        split = getattr(data, key)
+        print(f"wrote {paths[key]}: {len(split)} interactions ({split['Date'].min()} to {split['Date'].max()})")
     print(f"wrote {paths['student_info']}: {len(data.student_info)} students, {titles} distinct titles read")
-    print(f"wrote {paths['school_info']}: {len(data.school_info)} schools in {data.school_info['Parent_Building_ID'].nunique()} districts")
+    print(f"wrote {paths['school_info']}: {len(data.school_info)} schools in {districts} district(s)")
     if cfg.check:
         hits = heuristic_hits(data)
-        print(f"valid hits@1: classmates' top title of the last 2 days {hits['classmates']:.3f}, own last title {hits['own_last']:.3f}")
+        print(
+            f"valid hits@1: classmates' top title of the previous 2 days {hits['classmates']:.3f}, "
+            f"own last title {hits['own_last']:.3f}"
+        )
     return paths
 
 

@@ -134,8 +134,7 @@ def generate(
     student, day = np.nonzero(reads)
     n = len(student)
     cls = class_of[student]
-    u = rng.random(n)
-    from_class = u < classroom_effect
+    from_class = rng.random(n) < classroom_effect
     reread = ~from_class & (rng.random(n) < reread_prob)
 
     popular = band_titles[band_of_class[cls], np.minimum(np.searchsorted(cdf, rng.random(n)), per_band - 1)]
@@ -218,9 +217,8 @@ def heuristic_hits(data: GeneratedData, window_days: int = 2) -> dict[str, float
     events["day"] = (pd.to_datetime(events["Date"]).to_numpy().astype("datetime64[D]")).astype(np.int64)
     events["is_valid"] = np.arange(len(events)) >= len(data.train)
     info = data.student_info.set_index("StudentID")
-    events["cls"] = pd.factorize(
-        pd.MultiIndex.from_arrays([events["StudentID"].map(info["OrgnID"]), events["StudentID"].map(info["GRADE_LVL_NBR"])])
-    )[0]
+    school, grade = events["StudentID"].map(info["OrgnID"]), events["StudentID"].map(info["GRADE_LVL_NBR"])
+    events["cls"] = pd.factorize(pd.MultiIndex.from_arrays([school, grade]))[0]
     events = events.sort_values(["StudentID", "day"], kind="stable").reset_index(drop=True)
     queries = events[events["is_valid"]].reset_index().rename(columns={"index": "row"})
 

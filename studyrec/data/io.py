@@ -38,7 +38,10 @@ _DATE_HELP = "expected YYYY-MM-DD or an ISO datetime"
 
 
 class DataError(ValueError):
-    """A problem in an input file: names the file, the line or row where known, and the column."""
+    """A problem in an input file, as ``path:line: column 'name': what is wrong; how to fix it``.
+
+    ``line`` is the physical CSV line (header = 1); Parquet files get ``row`` (1-based data row).
+    """
 
     def __init__(
         self,
@@ -125,6 +128,11 @@ def _csv_lines(path: Path, rows: Sequence[int]) -> dict[int, int]:
     return out
 
 
+def _csv_header(path: Path) -> list[str]:
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+        return [h.strip() for h in next(csv.reader(f), [])]
+
+
 def _diagnose_csv(path: Path, exc: Exception) -> DataError:
     """Turns a parser failure into a DataError that points at a line."""
     data = path.read_bytes()
@@ -133,10 +141,7 @@ def _diagnose_csv(path: Path, exc: Exception) -> DataError:
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
         return DataError(path, f"is not valid UTF-8 (byte {data[e.start]:#04x}); re-save the file as UTF-8", line=line)
-    header: list[str] | None = None
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        header = next(csv.reader(f), None)
-    width = len(header or [])
+    width = len(_csv_header(path))
     for line, fields in _csv_records(path):
         if len(fields) != width:
             return DataError(
@@ -163,22 +168,21 @@ def _read_table(path: str | os.PathLike, required: Sequence[str]) -> _Table:
             frame = pd.read_csv(path, dtype=str, keep_default_na=False, engine="pyarrow", encoding="utf-8")
         else:
             frame = pd.read_parquet(path)
-    except (pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise _diagnose_csv(path, e) from e
     except Exception as e:
-        if is_csv:
-            raise _diagnose_csv(path, e) from e
-        raise DataError(path, f"cannot be read as Parquet: {e}") from e
+        if not is_csv:
+            raise DataError(path, f"cannot be read as Parquet: {e}") from e
+        # a wrong delimiter or header explains a parse failure best, so check the header first
+        _check_columns(path, _csv_header(path), required, is_csv)
+        raise _diagnose_csv(path, e) from e
     frame.columns = [str(c).strip().lstrip("\ufeff") for c in frame.columns]
-    table = _Table(path, frame, is_csv)
-    _check_columns(table, required)
+    _check_columns(path, list(frame.columns), required, is_csv)
     if len(frame) == 0:
         raise DataError(path, "has a header but no data rows", line=1 if is_csv else None)
-    return table
+    return _Table(path, frame, is_csv)
 
 
-def _check_columns(table: _Table, required: Sequence[str]) -> None:
-    found = list(table.frame.columns)
+def _check_columns(path: Path, found: list[str], required: Sequence[str], is_csv: bool) -> None:
+    """Raises when a required column is missing, with a hint for a wrong delimiter or case."""
     missing = [c for c in required if c not in found]
     if not missing:
         return
@@ -194,9 +198,9 @@ def _check_columns(table: _Table, required: Sequence[str]) -> None:
         hint += f"; column names are case-sensitive: rename {', '.join(renames)}"
     names = ", ".join(f"'{c}'" for c in missing)
     raise DataError(
-        table.path,
+        path,
         f"missing required column(s) {names}; found columns {found}{hint}",
-        line=1 if table.is_csv else None,
+        line=1 if is_csv else None,
         column=missing[0],
     )
 
@@ -228,12 +232,13 @@ def _parse_ids(series: pd.Series, column: str, what: str = "id") -> tuple[np.nda
             p = _first(values > np.iinfo(np.int64).max, column, lambda r: f"{what} {values[r]} is larger than 2^63-1")
             return np.zeros(len(values), np.int64), p
         values = values.astype(np.int64)
-        return values, _first(values < 0, column, lambda r: f"{what} {values[r]} is negative; expected a non-negative integer")
+        negative = _first(values < 0, column, lambda r: f"{what} {values[r]} is negative; expected a non-negative integer")
+        return values, negative
     if pd.api.types.is_float_dtype(series.dtype):
         values = series.to_numpy(dtype=np.float64, na_value=np.nan)
         bad = np.isnan(values) | (values != np.floor(values)) | (values < 0) | (values >= 2.0**63)
         out = np.where(bad, 0, values).astype(np.int64)
-        return out, _first(bad, column, lambda r: f"{what} {values[r]!r} is missing or not a non-negative integer")
+        return out, _first(bad, column, lambda r: f"{what} {float(values[r])} is missing or not a non-negative integer")
     codes, uniques = _as_strings(series)
     text = uniques.str.strip()
     digits = text.str.lstrip("0")
@@ -252,7 +257,7 @@ def _parse_ids(series: pd.Series, column: str, what: str = "id") -> tuple[np.nda
         raw = "" if code < 0 else uniques[code]
         if code < 0 or raw.strip() == "":
             return f"missing {what}: every row needs an integer {what}"
-        if code >= 0 and too_big[code]:
+        if too_big[code]:
             return f"{what} {raw!r} is larger than 2^63-1"
         if raw.strip().startswith("-") and raw.strip()[1:].isdigit():
             return f"{what} {raw!r} is negative; expected a non-negative integer"
@@ -337,7 +342,7 @@ def _parse_grades(series: pd.Series, column: str) -> tuple[pd.Series, _Problem |
         return values, problem
     arr = values.to_numpy(np.float64, na_value=np.nan)
     frac = ~np.isnan(arr) & (arr != np.floor(arr))
-    problem = _first(frac, column, lambda r: f"grade {arr[r]!r} is not a whole number")
+    problem = _first(frac, column, lambda r: f"grade {float(arr[r])} is not a whole number")
     return pd.array(np.where(frac, np.nan, arr), dtype="Float64").astype("Int64"), problem
 
 
@@ -373,7 +378,9 @@ def load_activity(*paths: str | os.PathLike) -> pd.DataFrame:
     frames = [_load_activity_file(p) for p in paths]
     if len(frames) > 1 and any(SECONDS_READ in f for f in frames) and not all(SECONDS_READ in f for f in frames):
         without = [str(p) for p, f in zip(paths, frames) if SECONDS_READ not in f]
-        logger.warning("%d file(s) have no '%s' column (%s): their rows get NaN", len(without), SECONDS_READ, ", ".join(without))
+        logger.warning(
+            "%d file(s) have no '%s' column (%s): their rows get NaN", len(without), SECONDS_READ, ", ".join(without)
+        )
     activity = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
     order = np.lexsort((activity["timestamp"].to_numpy(), activity["StudentID"].to_numpy()))  # stable
     return activity.iloc[order].reset_index(drop=True)

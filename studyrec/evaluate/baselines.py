@@ -105,16 +105,17 @@ def _row_top(scores: sp.spmatrix, k: int, budget: int = 1 << 24) -> tuple[np.nda
     counts = np.diff(csr.indptr)
     kth = np.full(n, -np.inf)
     wide = np.flatnonzero(counts > k)
-    if len(wide):
-        width = int(counts[wide].max())
-        step = max(1, budget // width)
-        for at in range(0, len(wide), step):
-            block = wide[at : at + step]
-            c = counts[block]
-            within = np.arange(c.sum()) - np.repeat(np.cumsum(c) - c, c)
-            padded = np.full((len(block), width), -np.inf)
-            padded[np.repeat(np.arange(len(block)), c), within] = csr.data[np.repeat(csr.indptr[block], c) + within]
-            kth[block] = np.partition(padded, width - k, axis=1)[:, width - k]
+    wide = wide[np.argsort(-counts[wide], kind="stable")]  # blocks of similar widths pad little
+    at = 0
+    while at < len(wide):
+        width = int(counts[wide[at]])
+        block = wide[at : at + max(1, budget // width)]
+        at += len(block)
+        c = counts[block]
+        within = np.arange(c.sum()) - np.repeat(np.cumsum(c) - c, c)
+        padded = np.full((len(block), width), -np.inf)
+        padded[np.repeat(np.arange(len(block)), c), within] = csr.data[np.repeat(csr.indptr[block], c) + within]
+        kth[block] = np.partition(padded, width - k, axis=1)[:, width - k]
     rows = np.repeat(np.arange(n), counts)
     keep = (csr.data > 0) & (csr.data >= kth[rows])
     rows, cols, vals = rows[keep], csr.indices[keep], csr.data[keep]

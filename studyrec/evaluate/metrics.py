@@ -56,7 +56,7 @@ def target_ranks(topk: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return np.where(match.any(axis=1), match.argmax(axis=1), topk.shape[1]).astype(np.int32)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class StudentStats:
     """Sufficient statistics per student and subset: interaction counts and rank histograms.
 
@@ -233,12 +233,12 @@ def _flatten(
     )
 
 
-def score_recommendations(
+def score_stats(
     reference: Mapping[int, Sequence[str]],
     recommendations: Mapping[int, Sequence[Sequence[str]]],
     ns: Sequence[int],
-) -> pd.DataFrame:
-    """The per-student table for title-string recommendations, as the reference scores them.
+) -> StudentStats:
+    """:class:`StudentStats` for title-string recommendations, as the reference scores them.
 
     Arguments:
         reference: StudentID -> the titles read, in time order.
@@ -252,8 +252,16 @@ def score_recommendations(
     k = max([recs.shape[1], *ns])
     recs = np.pad(recs, ((0, 0), (0, k - recs.shape[1])), constant_values=-1)
     ranks = target_ranks(recs, reads[has_rec])
-    stats = StudentStats.from_ranks(students[has_rec], ranks, {s: m[has_rec] for s, m in masks.items()}, ns, k=k)
-    return per_student_table(stats)
+    return StudentStats.from_ranks(students[has_rec], ranks, {s: m[has_rec] for s, m in masks.items()}, ns, k=k)
+
+
+def score_recommendations(
+    reference: Mapping[int, Sequence[str]],
+    recommendations: Mapping[int, Sequence[Sequence[str]]],
+    ns: Sequence[int],
+) -> pd.DataFrame:
+    """The per-student table (:func:`per_student_table`) of :func:`score_stats`."""
+    return per_student_table(score_stats(reference, recommendations, ns))
 
 
 def hits_at_n(

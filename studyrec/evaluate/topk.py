@@ -36,8 +36,8 @@ def target_ranks_jax(
         ``(topk, ranks)``, both int32.
     """
     if allowed is not None:
-        logits = jnp.where(allowed, logits, -jnp.inf)
+        logits = jnp.where(jnp.broadcast_to(allowed, logits.shape), logits, -jnp.inf)
     _, ids = jax.lax.top_k(logits, k)
-    match = ids == targets[..., None]
+    match = ids == targets.astype(ids.dtype)[..., None]
     ranks = jnp.where(match.any(axis=-1), jnp.argmax(match, axis=-1), k)
     return ids.astype(jnp.int32), ranks.astype(jnp.int32)

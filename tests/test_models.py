@@ -1,0 +1,178 @@
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from studyrec.data import Sample
+from studyrec.models import ModelConfig, build, individual_mask, study_mask
+
+SEP = 99
+TINY = dict(vocab_size=100, num_layers=2, d_model=32, qkv_dim=32, num_heads=2, mlp_dim=32, max_len=15)
+
+
+def model(name, **overrides):
+    """An inference-mode model, jitted (eager execution of the scanned blocks is slow)."""
+    return eqx.filter_jit(eqx.nn.inference_mode(build(name, ModelConfig(**{**TINY, **overrides}), key=jax.random.key(0))))
+
+
+def row(titles, segments, timestamps=None, positions=None, grade=0):
+    n = len(titles)
+    timestamps = timestamps if timestamps is not None else [0] * n
+    if positions is None:
+        positions, count = [], {}
+        for s in segments:
+            positions.append(count.get(s, 0) if s else 0)
+            count[s] = count.get(s, 0) + 1
+    arr = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
+    return Sample(arr(titles), arr(segments), arr(timestamps), arr(positions), jnp.int32(grade))
+
+
+# The reference's STUDY fixture (spec §10), with segments in place of raw student ids.
+FIXTURE = row([1, 2, 3, 4, 5, SEP, 7, 8, 9, 10], [1, 1, 1, 1, 1, 0, 2, 2, 2, 2], [0, 1, 2, 3, 4, 2, 3, 4, 5, 6])
+
+
+@pytest.mark.parametrize("name", ["individual", "study"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("grades", [None, 5])
+def test_shapes(name, dtype, grades):
+    m = model(name, dtype=dtype, num_grade_levels=grades)
+    assert m(FIXTURE).shape == (10, 100)
+    assert m(FIXTURE).dtype == jnp.float32
+    batch = jax.tree.map(lambda x: jnp.stack([x, x]), FIXTURE)
+    out = jax.jit(jax.vmap(m))(batch)
+    assert out.shape == (2, 10, 100)
+    assert jnp.all(jnp.isfinite(out))
+
+
+@eqx.filter_jit
+def influence(m, sample: Sample, new_title: int = 42):
+    """bool [i, j]: does replacing the title at i change the logits at j? (one batched pass)"""
+    n = sample.titles.shape[0]
+    perturbed = jax.vmap(lambda i: sample._replace(titles=sample.titles.at[i].set(new_title)))(jnp.arange(n))
+    base = m(sample)
+    return jnp.any(jnp.abs(jax.vmap(m)(perturbed) - base) > 1e-5, axis=-1)
+
+
+def test_individual_is_causal_within_student():
+    m = model("individual")
+    s = row(list(range(1, 11)), [1] * 10)
+    diffs = np.asarray(influence(m, s))
+    for i in range(10):
+        diff = diffs[i]
+        assert not diff[: i + 1].any(), f"output before or at {i} saw title {i}"
+        assert diff[i + 1 :].all(), f"outputs after {i} did not see title {i}"
+
+
+def test_individual_packed_equals_separate():
+    m = model("individual")
+    packed = row([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [1, 1, 1, 1, 1, 2, 2, 2, 2, 2])
+    first = row([1, 2, 3, 4, 5], [1] * 5)
+    second = row([6, 7, 8, 9, 10], [1] * 5)
+    out = m(packed)
+    np.testing.assert_allclose(out[:5], m(first), atol=1e-4)
+    np.testing.assert_allclose(out[5:], m(second), atol=1e-4)
+
+
+def lagged_dependencies(sample: Sample) -> np.ndarray:
+    """D[i, j]: may the title at i reach the output at j (STUDY with the reference's one-step lag)?
+
+    Own earlier titles always; a classmate's title i only through their next interaction i+1 in the
+    row, and only when that one is strictly earlier than j.
+    """
+    seg, ts = np.asarray(sample.segments), np.asarray(sample.timestamps)
+    n = len(seg)
+    deps = np.zeros((n, n), bool)
+    for i in range(n):
+        for j in range(n):
+            if not (seg[i] and seg[j]):
+                continue
+            own = seg[i] == seg[j] and i < j
+            carried = i + 1 < n and seg[i + 1] == seg[i] and seg[i] != seg[j] and ts[i + 1] < ts[j]
+            deps[i, j] = own or carried
+    return deps
+
+
+def assert_dependency_map(m, sample):
+    deps = lagged_dependencies(sample)
+    real = np.asarray(sample.segments) > 0
+    diffs = np.asarray(influence(m, sample))
+    for i in np.flatnonzero(real):
+        np.testing.assert_array_equal(diffs[i][real], deps[i][real], err_msg=f"title {i}")
+
+
+def test_study_dependency_map_on_reference_fixture():
+    m = model("study")
+    deps = lagged_dependencies(FIXTURE)
+    # Same-day classmates stay hidden: student 2's first read (t=3) never sees student 1's t=3 read.
+    assert not deps[3, 6] and not deps[2, 6]
+    # The reference's allowed map forbids any leak from the future.
+    ts, seg = np.asarray(FIXTURE.timestamps), np.asarray(FIXTURE.segments)
+    for i in range(10):
+        for j in range(10):
+            if deps[i, j] and seg[i] != seg[j]:
+                assert ts[i] < ts[j]
+    assert_dependency_map(m, FIXTURE)
+
+
+def test_study_dependency_map_on_random_rows():
+    rng = np.random.default_rng(0)
+    m = model("study")
+    for _ in range(3):
+        lengths = rng.integers(1, 5, size=3)
+        titles, segs, times = [], [], []
+        for slot, n in enumerate(lengths, start=1):
+            if titles:
+                titles.append(SEP), segs.append(0), times.append(0)
+            titles += list(rng.integers(1, 90, n))
+            segs += [slot] * n
+            times += sorted(rng.integers(0, 6, n).tolist())
+        pad = 14 - len(titles)
+        s = row(titles + [0] * pad, segs + [0] * pad, times + [0] * pad)
+        assert_dependency_map(m, s)
+
+
+def test_masks_never_see_padding_or_separators():
+    seg = jnp.asarray([1, 1, 0, 2, 2, 0, 0])
+    ts = jnp.asarray([0, 5, 0, 1, 9, 0, 0])
+    for mask in (individual_mask(seg), study_mask(seg, ts)):
+        assert not mask[:, jnp.asarray(seg) == 0].any()
+        assert not mask[jnp.asarray(seg) == 0].any()
+    assert study_mask(seg, ts)[4, 1] and not study_mask(seg, ts)[3, 1]
+
+
+def test_dropout_needs_key_and_inference_mode_is_deterministic():
+    trainable = build("study", ModelConfig(**TINY), key=jax.random.key(0))
+    call = eqx.filter_jit(lambda m, k: m(FIXTURE, key=k))
+    a, b = call(trainable, jax.random.key(1)), call(trainable, jax.random.key(2))
+    assert not jnp.allclose(a, b)
+    frozen = eqx.filter_jit(eqx.nn.inference_mode(trainable))
+    np.testing.assert_array_equal(frozen(FIXTURE), frozen(FIXTURE))
+
+
+def test_gradients_reach_every_parameter():
+    m = build("study", ModelConfig(**TINY, num_grade_levels=3), key=jax.random.key(0))
+    s = FIXTURE._replace(grade_level=jnp.int32(2))
+
+    @eqx.filter_jit
+    @eqx.filter_grad
+    def grad(m):
+        logits = m(s, key=jax.random.key(3))
+        return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(10), s.titles])
+
+    grads = grad(m)
+    for path, g in jax.tree_util.tree_leaves_with_path(eqx.filter(grads, eqx.is_array)):
+        assert jnp.all(jnp.isfinite(g)), path
+        assert jnp.any(g != 0), f"no gradient reaches {jax.tree_util.keystr(path)}"
+
+
+def test_tied_embeddings_share_the_table():
+    m = build("study", ModelConfig(**TINY, tie_embeddings=True), key=jax.random.key(0))
+    assert m.decoder.out_kernel is None
+    m = eqx.filter_jit(eqx.nn.inference_mode(m))
+    assert m(FIXTURE).shape == (10, 100)
+
+
+def test_build_rejects_unknown_names():
+    with pytest.raises(ValueError, match="unknown model"):
+        build("knn", ModelConfig(**TINY), key=jax.random.key(0))

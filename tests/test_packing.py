@@ -1,0 +1,193 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from studyrec.data import Chunks, ClassroomPacker, Interactions, Vocabulary, make_chunks, pack_histories
+from studyrec.data.packing import Placements
+from studyrec.data.pipeline import eval_batches, local_rows, training_batches
+
+SEP = 50
+# The reference's sampler fixture (spec §10): 11 chunks, 7 students in two classrooms.
+OWNERS = np.array([1, 1, 2, 3, 4, 5, 5, 6, 6, 6, 7])
+LENGTHS = np.array([2, 4, 3, 3, 2, 4, 3, 2, 4, 3, 2])
+CLASSROOM_OF_STUDENT = {1: 0, 2: 0, 4: 0, 7: 0, 3: 1, 5: 1, 6: 1}
+
+
+def fixture_packer(seq_len=10) -> ClassroomPacker:
+    """Chunk c is filled with the value c (titles and timestamps)."""
+    starts = np.concatenate([[0], np.cumsum(LENGTHS)[:-1]])
+    values = np.repeat(np.arange(11), LENGTHS)
+    counts = np.bincount(OWNERS - 1, weights=LENGTHS).astype(np.int64)
+    data = Interactions(
+        titles=values.astype(np.int32),
+        title_codes=values.astype(np.int64),
+        timestamps=values.astype(np.int64),
+        scored=np.ones(len(values), bool),
+        offsets=np.concatenate([[0], np.cumsum(counts)]),
+        students=np.arange(1, 8),
+        classroom=np.array([CLASSROOM_OF_STUDENT[s] for s in range(1, 8)]),
+        grade=np.array([3, 3, 4, 3, 4, 4, 3], np.int32),
+    )
+    per_student = np.bincount(OWNERS - 1)
+    first = np.concatenate([[0], np.cumsum(per_student)[:-1]])
+    chunks = Chunks(
+        start=starts, length=LENGTHS, owner=OWNERS - 1, rank=np.arange(11) - first[OWNERS - 1],
+        first_chunk=first, num_chunks=per_student, size=4,
+    )
+    return ClassroomPacker(data, chunks, seq_len, SEP, time_origin=0)
+
+
+def test_composition_matches_the_reference_layout():
+    packer = fixture_packer()
+    where = Placements(row=np.array([0, 0, 0]), col=np.array([0, 4, 7]), slot=np.array([1, 2, 3]), chunk=np.array([2, 4, 10]))
+    sample, source = packer.compose(1, where)
+    np.testing.assert_array_equal(sample.titles[0], [2, 2, 2, SEP, 4, 4, SEP, 10, 10, 0])
+    np.testing.assert_array_equal(sample.timestamps[0], [2, 2, 2, 0, 4, 4, 0, 10, 10, 0])
+    np.testing.assert_array_equal(sample.segments[0], [1, 1, 1, 0, 2, 2, 0, 3, 3, 0])
+    np.testing.assert_array_equal(sample.positions[0], [0, 1, 2, 0, 0, 1, 0, 0, 1, 0])
+    assert sample.grade_level[0] == 3  # the first student's grade
+    assert (source[0] >= 0).sum() == 7
+
+
+def chunk_of(packer, source):
+    return np.searchsorted(packer.chunks.start, source, side="right") - 1
+
+
+def check_rows(packer, sample, source, seq_len):
+    for b in range(sample.titles.shape[0]):
+        real = source[b] >= 0
+        if not real.any():
+            continue
+        chunks = np.unique(chunk_of(packer, source[b][real]))
+        owners = packer.chunks.owner[chunks]
+        assert len(np.unique(packer.data.classroom[owners])) == 1, "a row mixes classrooms"
+        assert len(np.unique(owners)) == len(owners), "a student appears twice in a row"
+        used = packer.chunks.length[chunks].sum() + len(chunks) - 1
+        assert used <= seq_len
+        # Each chunk is whole and contiguous, under one segment.
+        for c in chunks:
+            cols = np.flatnonzero(chunk_of(packer, np.where(real, source[b], -1)) == c)
+            cols = cols[real[cols]]
+            assert len(cols) == packer.chunks.length[c] and np.all(np.diff(cols) == 1)
+            assert len(np.unique(sample.segments[b][cols])) == 1
+
+
+def test_random_rows_respect_classrooms_and_length():
+    packer = fixture_packer()
+    rows = np.arange(40)
+    where = packer.random_placements(7, rows)
+    sample, source = packer.compose(len(rows), where)
+    check_rows(packer, sample, source, 10)
+    assert (sample.segments.max(axis=1) >= 1).all(), "every training row holds someone"
+    # More rows than chunks: sampling is with replacement.
+    assert len(rows) > len(LENGTHS)
+
+
+def test_random_rows_are_a_pure_function_of_seed_and_index():
+    packer = fixture_packer()
+    a = packer.random_rows(3, np.arange(0, 16))
+    b = packer.random_rows(3, np.arange(8, 24))
+    np.testing.assert_array_equal(a.titles[8:], b.titles[:8])
+    c = packer.random_rows(4, np.arange(0, 16))
+    assert not np.array_equal(a.titles, c.titles)
+
+
+def test_eval_layout_covers_every_interaction_once_in_order():
+    packer = fixture_packer()
+    layout = packer.eval_layout()
+    sample, source = layout.batch(0, layout.num_rows)
+    check_rows(packer, sample, source, 10)
+    covered = np.sort(source[source >= 0])
+    np.testing.assert_array_equal(covered, np.arange(LENGTHS.sum()))
+    # A student's chunks come out earliest first.
+    row_of_chunk = dict(zip(layout.placements.chunk.tolist(), layout.placements.row.tolist()))
+    for s in range(7):
+        mine = [row_of_chunk[c] for c in np.flatnonzero(OWNERS - 1 == s)]
+        assert mine == sorted(mine) and len(set(mine)) == len(mine)
+
+
+def test_eval_batches_pad_the_last_batch():
+    packer = fixture_packer()
+    layout = packer.eval_layout()
+    batches = list(eval_batches(layout, global_batch=4))
+    assert len(batches) == -(-layout.num_rows // 4)
+    total = sum((src >= 0).sum() for _, src in batches)
+    assert total == LENGTHS.sum()
+
+
+def test_chunk_size_larger_than_seq_len_is_refused():
+    packer = fixture_packer()
+    with pytest.raises(ValueError, match="chunk size"):
+        ClassroomPacker(packer.data, packer.chunks, 3, SEP, 0)
+
+
+def reference_preprocess_frame():
+    day = lambda d: int(pd.Timestamp(d, tz="UTC").timestamp())  # noqa: E731
+    rows = [
+        (1, "A", "2023-01-18"), (1, "B", "2023-01-19"), (1, "A", "2023-01-22"), (1, "A", "2023-01-23"),
+        (3, "C", "2023-01-10"), (3, "C", "2023-01-23"), (3, "A", "2023-01-30"),
+        (2, "C", "2023-04-10"), (2, "B", "2023-04-10"),
+    ]
+    return pd.DataFrame({"StudentID": [r[0] for r in rows], "SHLF_NUM": [r[1] for r in rows], "timestamp": [day(r[2]) for r in rows]})
+
+
+def test_reference_preprocessing_fixture():
+    vocab = Vocabulary({"A": 1, "B": 2, "C": 3, "<SEP>": 4}, oov=5)
+    info = pd.DataFrame({"StudentID": [1, 2, 3], "OrgnID": [1, 1, 6], "GRADE_LVL_NBR": pd.array([2, 2, 2], dtype="Int64")})
+    data = Interactions.from_frame(reference_preprocess_frame(), vocab, info, grouping="school_grade")
+    chunks = make_chunks(data, 3)
+    split = lambda arr: [arr[s : s + n].tolist() for s, n in zip(chunks.start, chunks.length)]  # noqa: E731
+    assert split(data.titles) == [[1, 2, 1], [1], [3, 2], [3, 3, 1]]  # same-day order kept
+    assert split(data.timestamps) == [
+        [1674000000, 1674086400, 1674345600], [1674432000], [1681084800, 1681084800],
+        [1673308800, 1674432000, 1675036800],
+    ]
+    assert data.students[chunks.owner].tolist() == [1, 1, 2, 3]
+    assert data.classroom.tolist() == [0, 0, 1]  # (school 1, grade 2) for students 1 and 2
+
+
+def test_end_aligned_chunks_keep_the_latest_history_whole():
+    vocab = Vocabulary({"A": 1, "B": 2, "C": 3, "<SEP>": 4}, oov=5)
+    data = Interactions.from_frame(reference_preprocess_frame(), vocab)
+    chunks = make_chunks(data, 3, align="end")
+    assert chunks.length.tolist() == [1, 3, 2, 3]
+    assert (chunks.start + chunks.length).tolist() == [1, 4, 6, 9]
+
+
+def test_process_shards_are_disjoint_and_cover_the_global_batch():
+    rows = [local_rows(5, 16, p, 4) for p in range(4)]
+    np.testing.assert_array_equal(np.sort(np.concatenate(rows)), 80 + np.arange(16))
+    packer = fixture_packer()
+    whole = training_batches(packer, seed=1, global_batch=8, num_steps=3)[2]
+    halves = [training_batches(packer, seed=1, global_batch=8, num_steps=3, process_index=p, process_count=2)[2] for p in range(2)]
+    np.testing.assert_array_equal(np.concatenate([h.titles for h in halves]), whole.titles)
+
+
+def test_training_batches_are_deterministic_and_resumable():
+    packer = fixture_packer()
+    ds = training_batches(packer, seed=0, global_batch=4, num_steps=10)
+    from studyrec.data.pipeline import prefetching
+
+    it = prefetching(ds)
+    first = [next(it).titles for _ in range(3)]
+    state = it.get_state()
+    later = next(it).titles
+    again = prefetching(ds)
+    again.set_state(state)
+    np.testing.assert_array_equal(next(again).titles, later)
+    np.testing.assert_array_equal(first[1], ds[1].titles)
+
+
+def test_pack_histories_composes_one_row():
+    vocab = Vocabulary.build(["a", "b", "c"])
+    from datetime import datetime
+
+    sample = pack_histories(
+        [(1001, ["a", "b"], [datetime(2021, 1, 1), datetime(2021, 1, 2)]), (5, ["c", "zzz"], [10, 20])], vocab, seq_len=8
+    )
+    assert sample.titles.tolist() == [1, 2, vocab.sep, 3, vocab.oov, 0, 0, 0]
+    assert sample.segments.tolist() == [1, 1, 0, 2, 2, 0, 0, 0]
+    assert sample.positions.tolist() == [0, 1, 0, 0, 1, 0, 0, 0]
+    assert sample.timestamps.tolist()[:2] == [1609459200, 1609545600]
+    with pytest.raises(ValueError, match="seq_len"):
+        pack_histories([(1, ["a"] * 9, list(range(9)))], vocab, seq_len=8)
