@@ -12,12 +12,15 @@ from jax.sharding import PartitionSpec as P
 RULES: dict[str, tuple[str, ...]] = {"batch": ("data", "fsdp"), "params": ("fsdp",)}
 
 
-def make_mesh(fsdp: int = 1) -> Mesh:
-    """A ``data x fsdp`` mesh over every device of every process (Auto axes, for Equinox)."""
-    n = jax.device_count()
+def make_mesh(fsdp: int = 1, devices=None) -> Mesh:
+    """A ``data x fsdp`` mesh over ``devices`` (default: every device of every process; Auto axes, for Equinox)."""
+    devices = jax.devices() if devices is None else list(devices)
+    n = len(devices)
     if fsdp < 1 or n % fsdp:
         raise ValueError(f"--fsdp {fsdp} does not divide the {n} devices")
-    return jax.make_mesh((n // fsdp, fsdp), ("data", "fsdp"), axis_types=(AxisType.Auto, AxisType.Auto))
+    return jax.make_mesh(
+        (n // fsdp, fsdp), ("data", "fsdp"), axis_types=(AxisType.Auto, AxisType.Auto), devices=devices
+    )
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -89,7 +89,7 @@ def make_train_step(optimizer: optax.GradientTransformation, oov: int):
         (_, sums), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(model, batch, key)
         updates, opt_state = optimizer.update(grads, opt_state, eqx.filter(model, eqx.is_inexact_array))
         model = eqx.apply_updates(model, updates)
-        return model, opt_state, {**sums, "grad_norm": optax.global_norm(grads)}
+        return model, opt_state, {**sums, "grad_norm": optax.tree.norm(grads)}
 
     return step
 

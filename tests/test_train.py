@@ -1,0 +1,116 @@
+import dataclasses
+import json
+
+import equinox as eqx
+import jax
+import numpy as np
+import pandas as pd
+import pytest
+
+from experiments.train import parse
+from studyrec.data import dataset
+from studyrec.data.interactions import make_chunks
+from studyrec.data.packing import ClassroomPacker
+from studyrec.models import build
+from studyrec.train.checkpoint import Checkpoints
+from studyrec.train.config import PRESETS, ArchConfig, TrainConfig, WandbConfig
+from studyrec.train.loop import train
+from studyrec.train.mesh import make_mesh, place_batch, shard_params
+from studyrec.train.step import make_optimizer, make_train_step
+
+TINY_ARCH = ArchConfig(num_layers=1, d_model=16, qkv_dim=16, num_heads=2, mlp_dim=32)
+
+
+def tiny(tmp_path, **overrides) -> TrainConfig:
+    base = TrainConfig(
+        arch=TINY_ARCH, steps=6, per_device_batch_size=2, learning_rate=3e-3, scale_lr=False, warmup_steps=2,
+        eval_every=3, save_every=3, log_every=1, eval_rows=16, n_recommendations=(1, 5),
+        wandb=WandbConfig(mode="disabled"), output_dir=str(tmp_path),
+    )
+    return dataclasses.replace(base, **overrides)
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_loads_and_builds(name):
+    cfg = parse(["--preset", name])
+    assert cfg.preset == name
+    model_config = cfg.arch.model_config(2003, cfg.grade_levels, cfg.seq_len, "cpu")
+    assert model_config.d_model == cfg.arch.d_model
+    shapes = jax.eval_shape(lambda: build(cfg.model, model_config, key=jax.random.key(0)))
+    assert shapes.decoder.embedding.shape == (2003, cfg.arch.d_model)
+
+
+def test_presets_match_their_definitions():
+    small = parse(["--preset", "cpu-small"])
+    assert (small.arch.num_layers, small.arch.d_model, small.arch.qkv_dim, small.arch.mlp_dim, small.arch.num_heads) == (2, 128, 128, 512, 8)
+    assert (small.seq_len, small.chunk_size, small.per_device_batch_size) == (65, 65, 32)
+    paper = parse(["--preset", "paper", "--steps", "10"])
+    assert (paper.arch.num_layers, paper.arch.d_model, paper.per_device_batch_size, paper.learning_rate) == (6, 256, 2048, 0.0016)
+    assert paper.steps == 10  # explicit flags win over the preset
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_end_to_end_on_a_data_by_fsdp_mesh_lowers_the_loss(tmp_path):
+    assert jax.device_count() == 8
+    run = train(tiny(tmp_path, steps=40, fsdp=2, log_every=5, eval_every=20, save_every=20, learning_rate=1e-2))
+    metrics = read_metrics(run)
+    assert metrics[-1]["train/loss"] < metrics[0]["train/loss"] - 0.3
+    for name in ("config.json", "vocab.json", "aggregate.csv", "per_student.csv", "recommendations.json"):
+        assert (run / name).exists(), name
+    aggregate = pd.read_csv(run / "aggregate.csv")
+    assert set(aggregate["Evaluation_Type"]) == {"all", "non_continuation", "non_history"}
+    assert sorted(set(aggregate["N_Recommendations"])) == [1, 5]
+    assert Checkpoints(run).steps() == [20, 40]
+
+
+def final_params(run_dir, cfg):
+    run_dir = str(run_dir)
+    config = json.loads((tmp := __import__("pathlib").Path(run_dir)).joinpath("config.json").read_text())
+    from studyrec.models import ModelConfig
+
+    model = build(cfg.model, ModelConfig(**config["model_config"]), key=jax.random.key(99))
+    checkpoints = Checkpoints(tmp)
+    restored, _, _ = checkpoints.restore(checkpoints.latest_step(), model)
+    checkpoints.close()
+    return jax.tree.leaves(eqx.filter(restored, eqx.is_array))
+
+
+def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path):
+    straight = train(tiny(tmp_path / "straight"))
+    stopped = tiny(tmp_path / "resumed")
+    train(dataclasses.replace(stopped, steps=3))
+    resumed = train(stopped)
+    for a, b in zip(final_params(straight, stopped), final_params(resumed, stopped)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    pd.testing.assert_frame_equal(pd.read_csv(straight / "aggregate.csv"), pd.read_csv(resumed / "aggregate.csv"))
+    config = json.loads((resumed / "config.json").read_text())
+    assert [r["step"] for r in config["resumes"]] == [3]
+    losses = lambda run: [m["train/loss"] for m in read_metrics(run)]  # noqa: E731
+    assert losses(straight) == losses(resumed)
+
+
+def test_one_device_and_eight_devices_agree(tmp_path):
+    cfg = tiny(tmp_path)
+    frames = dataset.Frames.load(dataset.DataPaths.resolve((), (), None, None))
+    vocab = dataset.build_vocab(frames, cfg.vocab_size)
+    data = dataset.encode(frames.train, vocab, frames, cfg.classroom_grouping)
+    packer = ClassroomPacker(data, make_chunks(data, cfg.chunk_size), cfg.seq_len, vocab.sep, dataset.time_origin(frames.train))
+    model_config = cfg.arch.model_config(vocab.logits_size, None, cfg.seq_len, "cpu")
+    losses = {}
+    for n in (1, 8):
+        mesh = make_mesh(1, jax.devices()[:n])
+        model = build("study", model_config, key=jax.random.key(0))
+        opt = make_optimizer(model, peak_lr=1e-2, warmup=1, weight_decay=0.1, grad_clip=1.0, decay_all=False)
+        model = shard_params(model, mesh)
+        state = shard_params(opt.init(eqx.filter(model, eqx.is_inexact_array)), mesh)
+        step = make_train_step(opt, vocab.oov)
+        losses[n] = []
+        for i in range(3):
+            batch = place_batch(packer.random_rows(0, np.arange(16 * i, 16 * i + 16)), mesh)
+            model, state, sums = step(model, state, batch, jax.random.key(i))
+            losses[n].append(float(sums["loss_sum"] / sums["weight"]))
+    np.testing.assert_allclose(losses[1], losses[8], rtol=1e-5)
+    assert losses[1][2] != losses[1][0]
