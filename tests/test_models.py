@@ -115,9 +115,10 @@ def test_study_dependency_map_on_reference_fixture():
     assert_dependency_map(m, FIXTURE)
 
 
-def test_study_dependency_map_on_random_rows():
+@pytest.mark.parametrize("recency_bias", [False, True])
+def test_study_dependency_map_on_random_rows(recency_bias):
     rng = np.random.default_rng(0)
-    m = model("study")
+    m = model("study", recency_bias=recency_bias)
     for _ in range(3):
         lengths = rng.integers(1, 5, size=3)
         titles, segs, times = [], [], []
@@ -151,7 +152,8 @@ def test_dropout_needs_key_and_inference_mode_is_deterministic():
 
 
 def test_gradients_reach_every_parameter():
-    m = build("study", ModelConfig(**TINY, num_grade_levels=3), key=jax.random.key(0))
+    m = build("study", ModelConfig(**TINY, num_grade_levels=3, recency_bias=True), key=jax.random.key(0))
+    m = eqx.tree_at(lambda m: m.decoder.blocks.attention.recency, m, jnp.full((2, 2), 0.5))
     s = FIXTURE._replace(grade_level=jnp.int32(2))
 
     @eqx.filter_jit

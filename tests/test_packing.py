@@ -13,6 +13,25 @@ LENGTHS = np.array([2, 4, 3, 3, 2, 4, 3, 2, 4, 3, 2])
 CLASSROOM_OF_STUDENT = {1: 0, 2: 0, 4: 0, 7: 0, 3: 1, 5: 1, 6: 1}
 
 
+def test_aligned_rows_take_each_classmates_chunk_at_one_moment():
+    packer = fixture_packer(seq_len=40)
+    ch = packer.chunks
+    start_time = packer.data.timestamps[ch.start]
+    end_time = packer.data.timestamps[ch.start + ch.length - 1]
+
+    def chunk_at(owner, moment):
+        mine = np.flatnonzero(ch.owner == owner)
+        before = mine[start_time[mine] <= moment]
+        return before[-1] if len(before) else mine[0]
+
+    sample, source = packer.compose(64, packer.random_placements(0, np.arange(64)))
+    for b in range(64):
+        chunks = np.unique(chunk_of(packer, source[b][source[b] >= 0]))
+        assert any(
+            all(chunk_at(ch.owner[c], moment) == c for c in chunks) for moment in np.unique(end_time)
+        ), f"row {b} mixes chunks from different moments: {chunks}"
+
+
 def fixture_packer(seq_len=10) -> ClassroomPacker:
     """Chunk c is filled with the value c (titles and timestamps)."""
     starts = np.concatenate([[0], np.cumsum(LENGTHS)[:-1]])
@@ -72,8 +91,10 @@ def check_rows(packer, sample, source, seq_len):
             assert len(np.unique(sample.segments[b][cols])) == 1
 
 
-def test_random_rows_respect_classrooms_and_length():
+@pytest.mark.parametrize("aligned", [True, False])
+def test_random_rows_respect_classrooms_and_length(aligned):
     packer = fixture_packer()
+    packer.aligned = aligned
     rows = np.arange(40)
     where = packer.random_placements(7, rows)
     sample, source = packer.compose(len(rows), where)

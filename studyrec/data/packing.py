@@ -8,11 +8,13 @@ padding, and timestamps are int32 seconds relative to a stored origin (no 2038 l
 Two layouts, both vectorised over rows:
 
 - ``random_rows(seed, rows)``: training rows drawn with replacement. A row's classroom is drawn in
-  proportion to its students; classmates are taken in random order, each with a random chunk,
-  while they fit (three misfits end the row). Row ``i`` is a pure function of ``(seed, i)``.
-- ``EvalLayout``: an exhaustive, ordered pass. Classmates' ``r``-th chunks share rows (filled in
-  StudentID order), so every interaction lands in exactly one row and a student's chunks come out
-  earliest first.
+  proportion to its students; classmates are taken in random order while they fit (three misfits
+  end the row). Row ``i`` is a pure function of ``(seed, i)``. With ``aligned=True`` (the default)
+  the classmates' chunks are taken around one moment, so a row shows what the class read at the
+  same time; ``aligned=False`` draws each classmate's chunk at random, as the reference does.
+- ``EvalLayout``: an exhaustive, ordered pass. Classmates' ``r``-th chunks counting back from
+  their latest share rows (filled in StudentID order), so every interaction lands in exactly one
+  row, classmates' latest activity sits together, and a student's chunks come out earliest first.
 """
 
 from __future__ import annotations
@@ -74,7 +76,9 @@ class Placements:
 class ClassroomPacker:
     """Packs the chunks of ``data`` into classroom rows of ``seq_len`` tokens."""
 
-    def __init__(self, data: Interactions, chunks: Chunks, seq_len: int, sep: int, time_origin: int):
+    def __init__(
+        self, data: Interactions, chunks: Chunks, seq_len: int, sep: int, time_origin: int, aligned: bool = True
+    ):
         if chunks.size > seq_len:
             raise ValueError(
                 f"student chunk size {chunks.size} is larger than seq_len {seq_len}: a chunk could never "
@@ -93,6 +97,12 @@ class ClassroomPacker:
         self._class_size = counts
         # Cap on classmates considered per row: more than can ever fit, fewer than a huge class.
         self._width = int(min(counts.max(initial=1), 4 * seq_len))
+        self.aligned = aligned
+        # (owner, chunk start time) as one sortable key, to find a student's chunk at a moment.
+        since_first = relative - relative.min(initial=0)
+        self._key_base = np.int64(since_first.max(initial=0) + 1)
+        self._chunk_end_time = since_first[chunks.start + chunks.length - 1]
+        self._chunk_key = chunks.owner * self._key_base + since_first[chunks.start]
 
     def compose(self, num_rows: int, where: Placements) -> tuple[Sample, np.ndarray]:
         """Builds ``num_rows`` rows from placements; also returns each token's source interaction (-1: none)."""
@@ -144,8 +154,15 @@ class ClassroomPacker:
         np.put_along_axis(repeat, by_member[:, 1:], sorted_member[:, 1:] == sorted_member[:, :-1], 1)
         valid &= ~repeat
         student = self._members[self._class_start[room][:, None] + np.where(valid, member, 0)]
-        pick = (_uniform(seed, rows, 3, W) * chunks.num_chunks[student]).astype(np.int64)
-        chunk = chunks.first_chunk[student] + np.minimum(pick, chunks.num_chunks[student] - 1)
+        if self.aligned:
+            # Classmates' chunks around one moment: the anchor's random chunk ends at that moment,
+            # and each classmate contributes their last chunk starting at or before it.
+            anchor_chunk = self._random_chunk(_uniform(seed, rows, 4, 1), anchor[:, None])
+            moment = self._chunk_end_time[anchor_chunk]
+            at = np.searchsorted(self._chunk_key, student * self._key_base + moment, side="right") - 1
+            chunk = np.maximum(at, chunks.first_chunk[student])
+        else:
+            chunk = self._random_chunk(_uniform(seed, rows, 3, W), student)
         length = chunks.length[chunk]
 
         accept = np.zeros((B, W), bool)
@@ -167,6 +184,10 @@ class ClassroomPacker:
         slot = np.cumsum(accept, axis=1)[b, k]
         return Placements(row=b, col=col[b, k], slot=slot, chunk=chunk[b, k])
 
+    def _random_chunk(self, u: np.ndarray, student: np.ndarray) -> np.ndarray:
+        n = self.chunks.num_chunks[student]
+        return self.chunks.first_chunk[student] + np.minimum((u * n).astype(np.int64), n - 1)
+
     def random_rows(self, seed: int, rows: np.ndarray) -> Sample:
         sample, _ = self.compose(len(rows), self.random_placements(seed, rows))
         return sample
@@ -176,8 +197,10 @@ class ClassroomPacker:
         chunks, L = self.chunks, self.seq_len
         selected = np.arange(len(chunks)) if chunk_mask is None else np.flatnonzero(chunk_mask)
         room = self.data.classroom[chunks.owner[selected]]
-        order = selected[np.lexsort((chunks.owner[selected], chunks.rank[selected], room))]
-        group = np.stack([self.data.classroom[chunks.owner[order]], chunks.rank[order]], 1)
+        # Classmates' chunks share rows counting back from their latest, so the latest are together.
+        from_last = chunks.num_chunks[chunks.owner] - 1 - chunks.rank
+        order = selected[np.lexsort((chunks.owner[selected], -from_last[selected], room))]
+        group = np.stack([self.data.classroom[chunks.owner[order]], from_last[order]], 1)
         new_group = np.ones(len(order), bool)
         new_group[1:] = np.any(group[1:] != group[:-1], axis=1)
         lengths = chunks.length[order].tolist()

@@ -2,6 +2,7 @@
 
 from studyrec.models.config import ModelConfig
 from studyrec.models.decoder import Decoder
+from studyrec.models.lagfree import StudyLagFree
 from studyrec.models.masks import individual_mask, own_past, strictly_earlier, study_mask
 from studyrec.models.recommenders import MODELS, Individual, Study, build, shift_within_students
 
@@ -11,6 +12,7 @@ __all__ = [
     "Individual",
     "ModelConfig",
     "Study",
+    "StudyLagFree",
     "build",
     "individual_mask",
     "own_past",

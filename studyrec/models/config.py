@@ -32,6 +32,8 @@ class ModelConfig:
     """Highest grade for grade-level conditioning (a per-row logit bias); None turns it off."""
     tie_embeddings: bool = False
     """Score titles with the input embedding table (makes copying a seen title easy)."""
+    recency_bias: bool = False
+    """A learned per-head attention bias on log(1 + days between query and key), so attention can prefer recent reads."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Compute dtype; parameters stay float32."""
 

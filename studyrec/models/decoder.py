@@ -28,6 +28,12 @@ def _xavier(key: PRNGKeyArray, fan_in: int, fan_out: int) -> Float[Array, "i o"]
     return jax.random.uniform(key, (fan_in, fan_out), minval=-limit, maxval=limit)
 
 
+def recency_gap(timestamps: Int[Array, " seq"]) -> Float[Array, "seq seq"]:
+    """``log(1 + days)`` from each key's interaction to each query's (0 for keys not earlier)."""
+    seconds = (timestamps[:, None] - timestamps[None, :]).astype(jnp.float32)
+    return jnp.log1p(jnp.maximum(seconds, 0.0) / 86400.0)
+
+
 class LayerNorm(eqx.Module):
     scale: Float[Array, " d"]
     bias: Float[Array, " d"]
@@ -51,6 +57,7 @@ class Attention(eqx.Module):
     wv: Float[Array, "d qkv"]
     wo: Float[Array, "qkv d"]
     weight_dropout: eqx.nn.Dropout
+    recency: Float[Array, " heads"] | None
     num_heads: int = eqx.field(static=True)
 
     def __init__(self, config: ModelConfig, *, key: PRNGKeyArray):
@@ -59,18 +66,29 @@ class Attention(eqx.Module):
         self.wq, self.wk, self.wv = _xavier(kq, d, qkv), _xavier(kk, d, qkv), _xavier(kv, d, qkv)
         self.wo = _xavier(ko, qkv, d)
         self.weight_dropout = eqx.nn.Dropout(config.attention_dropout)
+        self.recency = jnp.zeros(config.num_heads) if config.recency_bias else None
         self.num_heads = config.num_heads
 
     def __call__(
-        self, x: Float[Array, "seq d"], mask: Bool[Array, "seq seq"], *, key: PRNGKeyArray | None
+        self,
+        x: Float[Array, "seq d"],
+        mask: Bool[Array, "seq seq"],
+        *,
+        key: PRNGKeyArray | None,
+        log_gap: Float[Array, "seq seq"] | None = None,
     ) -> Float[Array, "seq d"]:
         T, dt = x.shape[0], x.dtype
         split = lambda w: (x @ w.astype(dt)).reshape(T, self.num_heads, -1)  # noqa: E731
         q, k, v = split(self.wq), split(self.wk), split(self.wv)
+        bias = None
+        if self.recency is not None and log_gap is not None:
+            bias = (-self.recency[:, None, None] * log_gap[None]).astype(dt)
         if self.weight_dropout.inference or self.weight_dropout.p == 0:
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask[None])
+            out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask[None])
         else:  # dropout on the attention weights needs them materialised
             scores = jnp.einsum("qhd,khd->hqk", q, k) / math.sqrt(q.shape[-1])
+            if bias is not None:
+                scores = scores + bias
             scores = jnp.where(mask[None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
             weights = self.weight_dropout(jax.nn.softmax(scores, axis=-1), key=key).astype(dt)
             out = jnp.einsum("hqk,khd->qhd", weights, v)
@@ -116,10 +134,15 @@ class Block(eqx.Module):
         self.dropout = eqx.nn.Dropout(config.dropout)
 
     def __call__(
-        self, x: Float[Array, "seq d"], mask: Bool[Array, "seq seq"], *, key: PRNGKeyArray | None
+        self,
+        x: Float[Array, "seq d"],
+        mask: Bool[Array, "seq seq"],
+        *,
+        key: PRNGKeyArray | None,
+        log_gap: Float[Array, "seq seq"] | None = None,
     ) -> Float[Array, "seq d"]:
         ka, kd, km = (None, None, None) if key is None else jax.random.split(key, 3)
-        x = x + self.dropout(self.attention(self.ln1(x), mask, key=ka), key=kd)
+        x = x + self.dropout(self.attention(self.ln1(x), mask, key=ka, log_gap=log_gap), key=kd)
         return x + self.mlp(self.ln2(x), key=km)
 
 
@@ -158,9 +181,13 @@ class Decoder(eqx.Module):
         mask: Bool[Array, "seq seq"],
         grade_level: Int[Array, ""],
         *,
+        timestamps: Int[Array, " seq"] | None = None,
         key: PRNGKeyArray | None = None,
     ) -> Float[Array, "seq vocab"]:
-        """Logits (float32) at every position for already-shifted ``inputs``."""
+        """Logits (float32) at every position for already-shifted ``inputs``.
+
+        ``timestamps`` (seconds) feed the recency bias, when the config has it.
+        """
         dt = jnp.dtype(self.config.dtype)
         ke, kb = (None, None) if key is None else jax.random.split(key)
         x = self.embedding[inputs]
@@ -174,9 +201,13 @@ class Decoder(eqx.Module):
         params, static = eqx.partition(self.blocks, eqx.is_array)
         layer_keys = None if kb is None else jax.random.split(kb, self.config.num_layers)
 
+        log_gap = None
+        if self.config.recency_bias and timestamps is not None:
+            log_gap = recency_gap(timestamps)
+
         def layer(x, xs):
             block_params, layer_key = xs
-            return eqx.combine(block_params, static)(x, mask, key=layer_key), None
+            return eqx.combine(block_params, static)(x, mask, key=layer_key, log_gap=log_gap), None
 
         x, _ = jax.lax.scan(layer, x, (params, layer_keys))
         x = self.final_ln(x)

@@ -11,14 +11,14 @@ one-step lag. ``StudyLagFree`` removes the lag with two streams, as XLNet does:
 The logits come from the query stream, so the prediction at q depends on exactly the student's own
 earlier titles and every classmate title strictly earlier in time than q's.
 
-Both streams share every parameter and run as one sequence ``[h; g]`` of length ``2 * seq`` through
-the unchanged decoder blocks, under a block mask::
+Both streams share every parameter (XLNet does the same) and run as one sequence ``[h; g]`` of
+length ``2 * seq``: LayerNorms and MLPs act row by row as in ``Block``; in attention, the queries of
+both streams read keys and values of the content stream only, under ``two_stream_mask``. That costs
+``2 * seq**2`` attention scores instead of ``seq**2``, and twice the rows through every projection
+and MLP (but one output layer, on the query stream).
 
-    [[content_mask | I,  0],
-     [query_mask,        I]]
-
-The parameters are those of ``Study``'s decoder (same tree, same shapes), so the parameter count is
-equal and a STUDY checkpoint loads into this model.
+The parameters are exactly ``Study``'s (a ``Decoder`` under ``.decoder``, same paths and shapes), so
+the parameter count is equal; only the forward pass differs.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from studyrec.data.packing import Sample
 from studyrec.models.config import ModelConfig
-from studyrec.models.decoder import Decoder, sinusoidal_table
+from studyrec.models.decoder import Attention, Block, Decoder, recency_gap, sinusoidal_table
 from studyrec.models.masks import own_past, strictly_earlier
 
 
@@ -49,20 +49,59 @@ def query_mask(segments: Int[Array, " seq"], timestamps: Int[Array, " seq"]) -> 
     return content_mask(segments, timestamps) & ~jnp.eye(segments.shape[0], dtype=bool)
 
 
-def two_stream_mask(segments: Int[Array, " seq"], timestamps: Int[Array, " seq"]) -> Bool[Array, "2*seq 2*seq"]:
-    """Both streams as one sequence ``[content; query]``.
+def two_stream_mask(segments: Int[Array, " seq"], timestamps: Int[Array, " seq"]) -> Bool[Array, "2*seq seq"]:
+    """Rows: the content stream's queries, then the query stream's; columns: the content stream."""
+    return jnp.concatenate([content_mask(segments, timestamps), query_mask(segments, timestamps)])
 
-    Content rows see content columns (``content_mask``); query rows see content columns
-    (``query_mask``) and their own query column. Every row sees itself, so no softmax row is empty
-    (separators, padding, and a student's first read when no classmate read earlier); a query
-    seeing itself adds no title, since the query stream starts from BOS and position alone.
-    Nothing reads another position's query column.
+
+def two_stream_attention(
+    attention: Attention,
+    x: Float[Array, "2*seq d"],
+    mask: Bool[Array, "2*seq seq"],
+    *,
+    key: PRNGKeyArray | None,
+    log_gap: Float[Array, "2*seq seq"] | None = None,
+) -> Float[Array, "2*seq d"]:
+    """``Attention`` with queries from both streams ``x = [h; g]`` and keys and values from ``h`` only.
+
+    A row that may see nothing (separators, padding, a first read with no earlier classmate read)
+    reads nothing: its output is zero, so no softmax over an empty set spreads over hidden keys.
+    ``log_gap`` feeds the recency bias as in ``Attention``.
     """
-    n = segments.shape[0]
-    eye = jnp.eye(n, dtype=bool)
-    top = jnp.concatenate([content_mask(segments, timestamps) | eye, jnp.zeros((n, n), bool)], axis=1)
-    bottom = jnp.concatenate([query_mask(segments, timestamps), eye], axis=1)
-    return jnp.concatenate([top, bottom], axis=0)
+    n, dt = mask.shape[1], x.dtype
+    heads = lambda y, w: (y @ w.astype(dt)).reshape(y.shape[0], attention.num_heads, -1)  # noqa: E731
+    q, k, v = heads(x, attention.wq), heads(x[:n], attention.wk), heads(x[:n], attention.wv)
+    bias = None
+    if attention.recency is not None and log_gap is not None:
+        bias = (-attention.recency[:, None, None] * log_gap[None]).astype(dt)
+    sees = mask.any(axis=1)
+    mask = mask | ~sees[:, None]
+    if attention.weight_dropout.inference or attention.weight_dropout.p == 0:
+        out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask[None])
+    else:
+        scores = jnp.einsum("qhd,khd->hqk", q, k) / math.sqrt(q.shape[-1])
+        if bias is not None:
+            scores = scores + bias
+        scores = jnp.where(mask[None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+        weights = attention.weight_dropout(jax.nn.softmax(scores, axis=-1), key=key).astype(dt)
+        out = jnp.einsum("hqk,khd->qhd", weights, v)
+    out = jnp.where(sees[:, None, None], out, jnp.zeros((), dt))
+    return out.reshape(x.shape[0], -1) @ attention.wo.astype(dt)
+
+
+def two_stream_block(
+    block: Block,
+    x: Float[Array, "2*seq d"],
+    mask: Bool[Array, "2*seq seq"],
+    *,
+    key: PRNGKeyArray | None,
+    log_gap: Float[Array, "2*seq seq"] | None = None,
+) -> Float[Array, "2*seq d"]:
+    """``Block`` over both streams, with ``two_stream_attention`` in place of self-attention."""
+    ka, kd, km = (None, None, None) if key is None else jax.random.split(key, 3)
+    attended = two_stream_attention(block.attention, block.ln1(x), mask, key=ka, log_gap=log_gap)
+    x = x + block.dropout(attended, key=kd)
+    return x + block.mlp(block.ln2(x), key=km)
 
 
 class StudyLagFree(eqx.Module):
@@ -79,9 +118,10 @@ class StudyLagFree(eqx.Module):
     title of k's own student with τ < τ_k lies before k. By induction over layers the content at k
     depends only on R(k). The query at q starts from BOS + position and reads content at k with
     ``query_mask[q, k]`` (k < q of its own student, or a classmate with τ_k < τ_q), each with
-    ``R(k) ⊆ A(q)`` by the same argument, plus its own query state; so by induction it depends only
-    on A(q), which excludes the target q. Conversely every i in A(q) is read directly by the query
-    at q in the first layer, so nothing in A(q) is hidden.
+    ``R(k) ⊆ A(q)`` by the same argument, plus its own query state through the residual (a query
+    that may see nothing reads nothing); so by induction it depends only on A(q), which excludes
+    the target q. Conversely every i in A(q) is read directly by the query at q in the first layer,
+    so nothing in A(q) is hidden. (``Study`` relies on the same ordering.)
     """
 
     decoder: Decoder
@@ -93,7 +133,7 @@ class StudyLagFree(eqx.Module):
     def config(self) -> ModelConfig:
         return self.decoder.config
 
-    def mask(self, sample: Sample) -> Bool[Array, "2*seq 2*seq"]:
+    def mask(self, sample: Sample) -> Bool[Array, "2*seq seq"]:
         return two_stream_mask(sample.segments, sample.timestamps)
 
     def __call__(self, sample: Sample, *, key: PRNGKeyArray | None = None) -> Float[Array, "seq vocab"]:
@@ -110,13 +150,16 @@ class StudyLagFree(eqx.Module):
         x = x + jnp.asarray(sinusoidal_table(config.max_len, config.d_model))[positions]
         x = decoder.embed_dropout(x, key=ke).astype(dt)
         mask = self.mask(sample)
+        # Both streams' rows at q share q's time, so the recency bias repeats for the query stream.
+        log_gap = jnp.tile(recency_gap(sample.timestamps), (2, 1)) if config.recency_bias else None
 
         params, static = eqx.partition(decoder.blocks, eqx.is_array)
         layer_keys = None if kb is None else jax.random.split(kb, config.num_layers)
 
         def layer(x, xs):
             block_params, layer_key = xs
-            return eqx.combine(block_params, static)(x, mask, key=layer_key), None
+            block = eqx.combine(block_params, static)
+            return two_stream_block(block, x, mask, key=layer_key, log_gap=log_gap), None
 
         x, _ = jax.lax.scan(layer, x, (params, layer_keys))
         g = decoder.final_ln(x[n:])

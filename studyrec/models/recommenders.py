@@ -9,6 +9,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 from studyrec.data.packing import Sample
 from studyrec.models.config import ModelConfig
 from studyrec.models.decoder import Decoder
+from studyrec.models.lagfree import StudyLagFree
 from studyrec.models.masks import individual_mask, study_mask
 
 
@@ -39,7 +40,9 @@ class Individual(eqx.Module):
 
     def __call__(self, sample: Sample, *, key: PRNGKeyArray | None = None) -> Float[Array, "seq vocab"]:
         inputs = shift_within_students(sample.titles, sample.segments)
-        return self.decoder(inputs, sample.positions, self.mask(sample), sample.grade_level, key=key)
+        return self.decoder(
+            inputs, sample.positions, self.mask(sample), sample.grade_level, timestamps=sample.timestamps, key=key
+        )
 
 
 class Study(Individual):
@@ -55,7 +58,7 @@ class Study(Individual):
         return study_mask(sample.segments, sample.timestamps)
 
 
-MODELS: dict[str, type[Individual]] = {"individual": Individual, "study": Study}
+MODELS: dict[str, type[Individual]] = {"individual": Individual, "study": Study, "study-lagfree": StudyLagFree}
 
 
 def build(name: str, config: ModelConfig, *, key: PRNGKeyArray) -> Individual:

@@ -28,6 +28,8 @@ class ArchConfig:
     """Dropout on attention weights (0 enables the fused attention kernel in training)."""
     tie_embeddings: bool = False
     """Use the input embedding table as the output layer."""
+    recency_bias: bool = False
+    """Learned per-head attention bias on log(1 + days between query and key)."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Compute dtype: auto is bfloat16 on GPU/TPU and float32 on CPU."""
 
@@ -45,6 +47,7 @@ class ArchConfig:
             max_len=max(seq_len, 512),
             num_grade_levels=num_grade_levels,
             tie_embeddings=self.tie_embeddings,
+            recency_bias=self.recency_bias,
             dtype=dtype,
         )
 
@@ -85,7 +88,7 @@ class DistConfig:
 class TrainConfig:
     """Train STUDY or Individual on classroom-packed reading histories."""
 
-    model: Literal["study", "individual"] = "study"
+    model: Literal["study", "individual", "study-lagfree"] = "study"
     """Which recommender to train."""
     preset: Literal["default", "cpu-small", "paper"] = "default"
     """Starting point for every other flag (flags given explicitly win)."""
@@ -123,6 +126,8 @@ class TrainConfig:
     """Titles kept in the vocabulary (most read first); 0 keeps all."""
     classroom_grouping: Literal["school_grade", "district_grade", "grade", "none"] = "school_grade"
     """Who shares a row: see the README's table of groupings."""
+    sampler: Literal["aligned", "random"] = "aligned"
+    """Training rows: classmates' chunks around one moment (aligned), or each at random (the reference)."""
     grade_levels: int | None = None
     """Highest grade for grade-level conditioning (None: off)."""
     eval_every: int = 100
@@ -139,6 +144,8 @@ class TrainConfig:
     """Seeds the initial parameters, dropout and the training rows."""
     n_recommendations: tuple[int, ...] = (1, 3, 5, 10, 20)
     """The n of hits@n in the final evaluation."""
+    select_best: bool = True
+    """Final evaluation with the parameters of the best validation accuracy seen at the evaluations (False: the last)."""
     eval_context: Literal["valid-only", "history"] = "valid-only"
     """Final evaluation context: the validation file alone (the reference), or each student's and classmates' training history too."""
     fsdp: int = 1

@@ -1,0 +1,135 @@
+"""Held-out quality: Individual and STUDY against the heuristic baselines, on the same metric code.
+
+    python -m benchmarks.quality                      # generated 1k and 15k students (+ MovieLens if it can be had)
+    python -m benchmarks.quality --sizes 1000 --no-movielens --steps 600
+
+Each model and baseline writes a run directory under ``--out``; the script prints one table of
+hits@{1,5,20} on ``all`` and ``non_history`` (validation weeks, scored with the training history as
+context), with the models' train and validation accuracy on fixed batches, and a JSON line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import tyro
+
+from studyrec.data.atomic import write_text_atomic
+
+
+@dataclasses.dataclass(frozen=True)
+class QualityConfig:
+    out: str = "results/quality"
+    """Where data and run directories go."""
+    sizes: tuple[int, ...] = (1000, 15000)
+    """Generated datasets, by number of students."""
+    movielens: bool = True
+    """Also MovieLens-100k (skipped when it cannot be downloaded)."""
+    models: tuple[str, ...] = ("individual", "study")
+    """Models to train."""
+    baselines: tuple[str, ...] = ("popularity", "popularity_by_grade", "knn", "classmates_recent", "own_last")
+    """Heuristics scored through the same metric code."""
+    steps: int = 1500
+    """Training steps per model (cpu-small sizes)."""
+    student_chunk_size: int = 16
+    """Chunk length: several classmates per 65-token row."""
+    seed: int = 0
+    """Data and training seed."""
+    train_flags: tuple[str, ...] = ()
+    """Extra flags for every training run, e.g. --train-flags=--arch.tie-embeddings."""
+
+
+def data_sets(cfg: QualityConfig, root: Path) -> dict[str, Path]:
+    sets = {}
+    for n in cfg.sizes:
+        path = root / f"generated-{n}"
+        if not (path / "student_info.csv").exists():
+            run([sys.executable, "-m", "experiments.generate_data", "--out", str(path), "--n-students", str(n), "--seed", str(cfg.seed)])
+        sets[f"generated-{n}"] = path
+    if cfg.movielens:
+        path = root / "movielens-100k"
+        if not (path / "student_info.csv").exists():
+            try:
+                run([sys.executable, "-m", "experiments.datasets", "movielens", "--out", str(path)])
+            except subprocess.CalledProcessError:
+                print("MovieLens-100k could not be had; skipping it", file=sys.stderr)
+                return sets
+        sets["movielens-100k"] = path
+    return sets
+
+
+def run(command: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(command, check=True)
+    return time.perf_counter() - start
+
+
+def data_flags(path: Path) -> list[str]:
+    return [
+        "--train-data", str(path / "student_activity_train.csv"),
+        "--valid-data", str(path / "student_activity_valid.csv"),
+        "--student-info", str(path / "student_info.csv"),
+        "--school-info", str(path / "school_info.csv"),
+        "--eval-context", "history",
+    ]
+
+
+def row(dataset: str, name: str, run_dir: Path, seconds: float) -> dict:
+    aggregate = pd.read_csv(run_dir / "aggregate.csv").set_index(["Evaluation_Type", "N_Recommendations"])["Hits_at_N"]
+    result = {"data": dataset, "model": name, "seconds": round(seconds, 1)}
+    for subset in ("all", "non_history"):
+        for n in (1, 5, 20):
+            result[f"{subset} h@{n}"] = round(float(aggregate[(subset, n)]), 4)
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.exists():
+        last = [json.loads(line) for line in metrics.read_text().splitlines() if "eval/valid_accuracy" in line]
+        if last:
+            result["train acc"] = round(last[-1]["eval/train_accuracy"], 4)
+            result["valid acc"] = round(last[-1]["eval/valid_accuracy"], 4)
+    return result
+
+
+def main(cfg: QualityConfig) -> pd.DataFrame:
+    root = Path(cfg.out)
+    rows = []
+    for dataset, path in data_sets(cfg, root / "data").items():
+        for name in cfg.baselines:
+            run_dir = root / dataset / f"baseline-{name}"
+            if not (run_dir / "aggregate.csv").exists():
+                seconds = run([sys.executable, "-m", "experiments.baselines", "--baseline", name, "--output-dir", str(run_dir), *data_flags(path)])
+            else:
+                seconds = float("nan")
+            rows.append(row(dataset, name, run_dir, seconds))
+        for model in cfg.models:
+            run_dir = root / dataset / model
+            seconds = run([
+                sys.executable, "-m", "experiments.train", "--preset", "cpu-small", "--model", model,
+                "--output-dir", str(run_dir), "--steps", str(cfg.steps), "--seed", str(cfg.seed),
+                "--student-chunk-size", str(cfg.student_chunk_size), "--wandb.mode", "disabled",
+                *data_flags(path), *cfg.train_flags,
+            ])
+            rows.append(row(dataset, model, run_dir, seconds))
+    table = pd.DataFrame(rows)
+    markdown = table.to_markdown(index=False) if _has_tabulate() else table.to_string(index=False)
+    print(markdown)
+    write_text_atomic(root / "quality.md", markdown + "\n")
+    print(json.dumps({"benchmark": "quality", "steps": cfg.steps, "preset": "cpu-small", "rows": rows}))
+    return table
+
+
+def _has_tabulate() -> bool:
+    try:
+        import tabulate  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+if __name__ == "__main__":
+    main(tyro.cli(QualityConfig, prog="python -m benchmarks.quality"))
