@@ -161,6 +161,32 @@ def test_own_last_and_classmates_match_brute_force():
         assert classmates[i].tolist() == _fill([r[0] for r in ranked], popular, k), i
 
 
+def test_lagged_classmates_see_a_read_only_after_the_next_one():
+    num_titles, k = 10, 6
+    history, eval = _random_data(3)
+    popular = _popular(history, num_titles)
+    lagged = recommend_baseline("classmates_recent_lagged", history, eval, num_titles, k, days=3)
+    events = pd.concat([history, eval], ignore_index=True).sort_values(["StudentID", "timestamp"], kind="stable")
+    following = events.groupby("StudentID")["timestamp"].shift(-1)
+    seen_at = following.fillna(np.inf).sort_index()
+    full = pd.concat([history, eval], ignore_index=True).assign(seen_at=seen_at.to_numpy())
+    n_hist = len(history)
+    assert (lagged != recommend_baseline("classmates_recent", history, eval, num_titles, k, days=3)).any()
+    for i in range(len(eval)):
+        s, t = eval["StudentID"].iat[i], eval["timestamp"].iat[i]
+        visible = full[(full["timestamp"] < t) & (full.index != n_hist + i)]
+        window = visible[
+            (visible["classroom"] == eval["classroom"].iat[i])
+            & (visible["StudentID"] != s)
+            & (visible["timestamp"] >= t - 3 * DAY)
+            & (visible["seen_at"] < t)
+            & visible["title_id"].between(1, num_titles)
+        ]
+        stats = window.groupby("title_id")["timestamp"].agg(["count", "max"]).reset_index()
+        ranked = sorted(zip(stats["title_id"], stats["count"], stats["max"]), key=lambda r: (-r[1], -r[2], r[0]))
+        assert lagged[i].tolist() == _fill([r[0] for r in ranked], popular, k), i
+
+
 def test_knn_matches_brute_force():
     num_titles, k, last, decay = 10, 5, 3, 0.5
     history, eval = _random_data(4)

@@ -248,13 +248,16 @@ def classmates_recent(
     k: int = 20,
     days: float = 2.0,
     max_pairs: int = 4_000_000,
+    lagged: bool = False,
 ) -> np.ndarray:
     """Titles read by classmates (same classroom, other students) in ``[t - days, t)``.
 
     Ranked by how many reads in the window, then the latest read, then id. ``max_pairs`` bounds
-    the memory of one chunk of (interaction, window row) pairs.
+    the memory of one chunk of (interaction, window row) pairs. ``lagged=True`` counts a read only
+    once the classmate's next read is strictly before ``t``: what the reference STUDY mask can see.
     """
     context = pd.concat([history[list(COLUMNS)], eval[list(COLUMNS)]], ignore_index=True)
+    context = context.assign(seen_at=_next_read_time(context))
     context = context[_is_title(context["title_id"].to_numpy(), num_titles)]
     # One sortable int64 key per row: classroom code, then time.
     rooms, room_ids = pd.factorize(
@@ -272,12 +275,14 @@ def classmates_recent(
     c_student = context["StudentID"].to_numpy()[order]
     c_title = context["title_id"].to_numpy()[order]
     c_time = context["timestamp"].to_numpy()[order]
+    c_seen = context["seen_at"].to_numpy()[order] if lagged else c_time
     q_room = rooms[len(context):]
     q_offset = times[len(context):] - t0
     window = int(days * DAY)
     lo = np.searchsorted(context_key, q_room * span + np.maximum(q_offset - window, 0), side="left")
     hi = np.searchsorted(context_key, query_key, side="left")
     q_student = eval["StudentID"].to_numpy()
+    q_time = eval["timestamp"].to_numpy()
 
     candidates = np.zeros((len(eval), k), np.int32)
     sizes = hi - lo
@@ -289,11 +294,26 @@ def classmates_recent(
         size = sizes[q]
         pair_q = np.repeat(q, size)
         pair_row = np.repeat(lo[q] - np.cumsum(size) + size, size) + np.arange(size.sum())
-        classmate = c_student[pair_row] != q_student[pair_q]
+        classmate = (c_student[pair_row] != q_student[pair_q]) & (c_seen[pair_row] < q_time[pair_q])
         pair_q, pair_row = pair_q[classmate], pair_row[classmate]
         candidates[start:end] = _rank_window(pair_q - start, c_title[pair_row], c_time[pair_row], end - start, k)
         start = end
     return _fill(candidates, popularity_order(_fit_rows(history, eval), num_titles), k)
+
+
+def _next_read_time(events: pd.DataFrame) -> np.ndarray:
+    """The time of each row's student's next read (int64 max for their last)."""
+    student, time = events["StudentID"].to_numpy(), events["timestamp"].to_numpy().astype(np.int64)
+    order = np.lexsort((time, student))
+    following = np.full(len(order), np.iinfo(np.int64).max)
+    same = student[order][1:] == student[order][:-1]
+    following[order[:-1][same]] = time[order][1:][same]
+    return following
+
+
+def classmates_recent_lagged(history: pd.DataFrame, eval: pd.DataFrame, num_titles: int, k: int = 20, days: float = 2.0) -> np.ndarray:
+    """``classmates_recent`` restricted to what the reference STUDY mask can see (the one-step lag)."""
+    return classmates_recent(history, eval, num_titles, k, days=days, lagged=True)
 
 
 def _rank_window(query: np.ndarray, title: np.ndarray, time: np.ndarray, n: int, k: int) -> np.ndarray:
@@ -320,6 +340,7 @@ BASELINES: dict[str, Baseline] = {
     "popularity_by_grade": popularity_by_grade,
     "knn": knn,
     "classmates_recent": classmates_recent,
+    "classmates_recent_lagged": classmates_recent_lagged,
     "own_last": own_last,
 }
 
