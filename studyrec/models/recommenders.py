@@ -58,11 +58,11 @@ class Study(Individual):
         return study_mask(sample.segments, sample.timestamps)
 
 
-MODELS: dict[str, type[Individual]] = {"individual": Individual, "study": Study, "study-lagfree": StudyLagFree}
+MODELS: dict[str, type[eqx.Module]] = {"individual": Individual, "study": Study, "study-lagfree": StudyLagFree}
 
 
-def build(name: str, config: ModelConfig, *, key: PRNGKeyArray) -> Individual:
-    """A fresh model by name: ``"study"`` or ``"individual"``."""
+def build(name: str, config: ModelConfig, *, key: PRNGKeyArray) -> eqx.Module:
+    """A fresh model by name: ``"study"``, ``"individual"`` or ``"study-lagfree"``."""
     try:
         cls = MODELS[name]
     except KeyError:

@@ -26,8 +26,8 @@ class ArchConfig:
     """Dropout on embeddings, attention outputs and MLPs."""
     attention_dropout: float = 0.1
     """Dropout on attention weights (0 enables the fused attention kernel in training)."""
-    tie_embeddings: bool = False
-    """Use the input embedding table as the output layer."""
+    tie_embeddings: bool = True
+    """Use the input embedding table as the output layer (copying a seen title generalises; the reference unties)."""
     recency_bias: bool = False
     """Learned per-head attention bias on log(1 + days between query and key)."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
