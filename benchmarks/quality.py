@@ -31,9 +31,11 @@ class QualityConfig:
     """Generated datasets, by number of students."""
     movielens: bool = True
     """Also MovieLens-100k (skipped when it cannot be downloaded)."""
-    models: tuple[str, ...] = ("individual", "study")
+    models: tuple[str, ...] = ("individual", "study", "study-lagfree")
     """Models to train."""
-    baselines: tuple[str, ...] = ("popularity", "popularity_by_grade", "knn", "classmates_recent", "own_last")
+    baselines: tuple[str, ...] = (
+        "popularity", "popularity_by_grade", "knn", "classmates_recent", "classmates_recent_lagged", "own_last",
+    )
     """Heuristics scored through the same metric code."""
     steps: int = 1500
     """Training steps per model (cpu-small sizes)."""

@@ -1,0 +1,157 @@
+"""Score a heuristic baseline like a trained model: ``python -m experiments.baselines --baseline knn``.
+
+Writes a run directory (``config.json`` with ``"model": "baseline:<name>"``, ``vocab.json``,
+``per_student.csv``, ``aggregate.csv``, ``recommendations.json``) through the metric code the
+models use, so ``experiments.report`` can compare them side by side.
+
+The evaluation context mirrors the models':
+
+- ``valid-only`` (the reference's protocol): baselines are *fitted* on the training file
+  (popularity, co-reading), but the only *context* of a scored interaction is the validation
+  file: the student's and classmates' earlier validation rows. Training rows take part under
+  identities that no scored student or classroom has, so they never count as anyone's history.
+- ``history``: the student's and classmates' earlier training rows are context too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from typing import Literal
+
+from experiments import cli
+from experiments.cli import run_cli, setup_logging
+
+Baseline = Literal["popularity", "popularity_by_grade", "knn", "classmates_recent", "classmates_recent_lagged", "own_last"]
+
+
+@dataclasses.dataclass(frozen=True)
+class BaselineConfig:
+    """Score a heuristic recommender on the validation data and write a run directory."""
+
+    baseline: Baseline
+    """popularity (overall), popularity_by_grade, knn (item co-reading), classmates_recent (last 2 days), classmates_recent_lagged (what the reference STUDY mask can see), or own_last."""
+    train_data: tuple[str, ...] = ()
+    """Training activity files: fitting data, and context with --eval-context history (default: the bundled sample)."""
+    valid_data: tuple[str, ...] = ()
+    """Validation activity files: the interactions scored (default: the bundled sample)."""
+    student_info: str | None = None
+    """student_info CSV (default: the bundled sample's when no training file is given)."""
+    school_info: str | None = None
+    """school_info CSV (needed for district_grade)."""
+    output_dir: str = "runs/baseline_{baseline}"
+    """Run directory to write ({baseline} is replaced by the name)."""
+    eval_context: Literal["valid-only", "history"] = "valid-only"
+    """valid-only: the validation file is the only context (as the reference); history: training rows too."""
+    n_recommendations: tuple[int, ...] = (1, 3, 5, 10, 20)
+    """The n of hits@n."""
+    vocab_size: int = 2000
+    """Titles kept in the vocabulary (most read first); 0 keeps all. Use the model's value to compare."""
+    classroom_grouping: Literal["school_grade", "district_grade", "grade", "none"] = "school_grade"
+    """Who counts as a classmate (see the README)."""
+    debug: bool = False
+    """Show tracebacks instead of one-line errors."""
+
+    def run_dir(self) -> str:
+        return self.output_dir.format(baseline=self.baseline)
+
+
+def _parse(argv: list[str]) -> BaselineConfig:
+    prog = "python -m experiments.baselines"
+    parse_flags = getattr(cli, "parse_flags", None)
+    if parse_flags is not None:
+        return parse_flags(BaselineConfig, default=None, args=argv, prog=prog)
+    import tyro
+
+    return tyro.cli(BaselineConfig, args=argv, prog=prog)
+
+
+def _frame(data, rows):
+    """The baselines' frame (StudentID, title_id, timestamp, classroom, grade) of interactions ``rows``."""
+    import pandas as pd
+
+    owner = data.student_of[rows]
+    return pd.DataFrame(
+        {
+            "StudentID": data.students[owner],
+            "title_id": data.titles[rows],
+            "timestamp": data.timestamps[rows],
+            "classroom": data.classroom[owner],
+            "grade": data.grade[owner],
+        }
+    )
+
+
+def score_baseline(cfg: BaselineConfig):
+    """Runs the baseline; returns ``(data, topk, vocab, frames)`` (topk covers data's scored rows)."""
+    import numpy as np
+
+    from studyrec.data import dataset
+    from studyrec.evaluate.baselines import recommend_baseline
+
+    ns = tuple(cfg.n_recommendations)
+    if not ns or min(ns) < 1:
+        raise ValueError(f"--n-recommendations must be positive integers, got {ns}")
+    paths = dataset.DataPaths.resolve(cfg.train_data, cfg.valid_data, cfg.student_info, cfg.school_info)
+    frames = dataset.Frames.load(paths)
+    if frames.valid is None:
+        raise ValueError("no validation data to score: give --valid-data")
+    vocab = dataset.build_vocab(frames, cfg.vocab_size)
+    k = max(ns)
+    if cfg.eval_context == "history":
+        joined, scored = dataset.with_history(frames)
+        data = dataset.encode(joined, vocab, frames, cfg.classroom_grouping, scored=scored)
+        history = _frame(data, np.flatnonzero(~data.scored))
+    else:
+        data = dataset.encode(frames.valid, vocab, frames, cfg.classroom_grouping)
+        train = dataset.encode(frames.train, vocab, frames, cfg.classroom_grouping)
+        history = _frame(train, np.arange(train.num_interactions))
+        # Fitting data only: identities no scored student or classroom has.
+        history["StudentID"] = -1 - history["StudentID"]
+        history["classroom"] = -1 - history["classroom"]
+    rows = np.flatnonzero(data.scored)
+    topk = np.zeros((data.num_interactions, k), np.int32)
+    topk[rows] = recommend_baseline(cfg.baseline, history, _frame(data, rows), vocab.num_titles, k)
+    return data, topk, vocab, frames
+
+
+def run_baseline(cfg: BaselineConfig):
+    from pathlib import Path
+
+    from studyrec.data import dataset
+    from studyrec.data.atomic import write_text_atomic
+    from studyrec.evaluate import model_eval
+    from studyrec.evaluate.metrics import write_tables
+
+    out = Path(cfg.run_dir())
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--output-dir {out} is a file; give a directory")
+    data, topk, vocab, frames = score_baseline(cfg)
+    stats = model_eval.score(data, topk, tuple(cfg.n_recommendations))
+    per_student, aggregate = model_eval.tables(stats)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab.save(out / "vocab.json")
+    record = {
+        "config": dataclasses.asdict(cfg),
+        "model": f"baseline:{cfg.baseline}",
+        "time_origin": dataset.time_origin(frames.train),
+        "vocab_size": len(vocab),
+        "eval_context": cfg.eval_context,
+    }
+    write_text_atomic(out / "config.json", json.dumps(record, indent=2))
+    write_tables(out, per_student, aggregate)
+    model_eval.write_recommendations(out / "recommendations.json", data, topk, vocab)
+    print(aggregate.to_string(index=False))
+    print(f"run directory: {out}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    setup_logging()
+    cfg = _parse(sys.argv[1:] if argv is None else list(argv))
+    run_cli(lambda: run_baseline(cfg), cfg.debug)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,326 @@
+"""Run.recommend and experiments.recommend: next titles as of a moment, from a trained run."""
+
+import dataclasses
+import json
+import re
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+import pytest
+from test_run import tiny_run_dir
+
+from experiments import recommend as recommend_cli
+from studyrec.data.generate import sample_data_paths
+from studyrec.data.io import load_activity, load_student_info
+from studyrec.data.packing import pack_histories
+from studyrec.models import Individual, Study
+from studyrec.models.masks import study_mask
+from studyrec.run import as_seconds, last_block, last_block_input, last_layer_attention, load_run
+
+AS_OF = "2023-05-08"
+DAY = 86_400
+BATCH = 64  # one batch shape for most calls: one compilation
+
+
+@pytest.fixture(scope="module")
+def run():
+    return load_run(tiny_run_dir())
+
+
+@pytest.fixture(scope="module")
+def sample():
+    paths = sample_data_paths()
+    return load_activity(paths["train"], paths["valid"]), load_student_info(paths["student_info"])
+
+
+def _rows(student, titles, days, start="2023-03-01"):
+    t0 = as_seconds(start)
+    return pd.DataFrame(
+        {"StudentID": np.int64(student), "SHLF_NUM": list(titles), "timestamp": [t0 + d * DAY for d in days]}
+    )
+
+
+def test_every_student_gets_k_ranked_titles(run, sample):
+    activity, info = sample
+    out = run.recommend(activity, info, k=5, as_of=AS_OF, batch_size=BATCH)
+    assert list(out.columns) == ["StudentID", "rank", "title", "score"]
+    before = activity[activity["timestamp"] < as_seconds(AS_OF)]
+    assert sorted(out["StudentID"].unique()) == sorted(before["StudentID"].unique())
+    for _, group in out.groupby("StudentID"):
+        assert group["rank"].tolist() == [1, 2, 3, 4, 5]
+        assert group["title"].nunique() == 5
+        assert np.all(np.diff(group["score"].to_numpy()) <= 0)
+    ids = run.vocab.encode_many(out["title"])
+    assert np.all((ids >= 1) & (ids <= run.vocab.num_titles))
+    assert np.all(np.isfinite(out["score"])) and np.all(out["score"] < 0)
+    assert out.attrs["as_of"] == "2023-05-08T00:00:00+00:00" and out.attrs["score"] == "log_probability"
+
+
+def test_a_lone_student_is_scored_as_a_hand_packed_row(run, sample):
+    """The query slot at as_of after the student's latest chunk_size-1 reads predicts the next title."""
+    activity, _ = sample
+    student = int(activity["StudentID"].iloc[0])
+    mine = activity[(activity["StudentID"] == student) & (activity["timestamp"] < as_seconds(AS_OF))]
+    out = run.recommend(mine, None, k=4, as_of=AS_OF, batch_size=BATCH)
+    keep = run.config.chunk_size - 1
+    titles = mine["SHLF_NUM"].tolist()[-keep:] + ["placeholder"]
+    times = mine["timestamp"].tolist()[-keep:] + [as_seconds(AS_OF)]
+    row = pack_histories([(student, titles, times)], run.vocab, run.config.seq_len, time_origin=run.time_origin)
+    logp = jax.nn.log_softmax(eqx.filter_jit(run.model)(row)[len(titles) - 1])
+    allowed = np.asarray(logp)[1 : run.vocab.num_titles + 1]
+    best = np.argsort(-allowed, kind="stable")[:4]
+    assert out["title"].tolist() == run.vocab.decode_many(best + 1).tolist()
+    np.testing.assert_allclose(out["score"], allowed[best], rtol=1e-5)
+
+
+def test_classmates_are_visible_to_the_query(run):
+    """STUDY rows: the query at as_of sees every classmate read, through keys strictly earlier."""
+    titles = [run.vocab.decode(i) for i in range(1, 8)]
+    activity = pd.concat(
+        [_rows(1, titles[:3], [0, 1, 2]), _rows(2, titles[3:5], [1, 3]), _rows(3, titles[5:7], [2, 4])],
+        ignore_index=True,
+    )
+    info = pd.DataFrame({"StudentID": [1, 2, 3], "OrgnID": [7, 7, 7], "GRADE_LVL_NBR": pd.array([3, 3, 3], "Int64")})
+    ids, rows, query = run.query_rows(activity, info, as_of="2023-03-10")
+    assert ids.tolist() == [1, 2, 3]
+    for r in range(3):
+        sample = jax.tree.map(lambda x: x[r], rows)
+        seen = np.asarray(study_mask(jnp.asarray(sample.segments), jnp.asarray(sample.timestamps)))[query[r]]
+        # Key k carries the title at k-1 of the same student: what the query reads from it.
+        carried = np.where(sample.segments[:-1] == sample.segments[1:], sample.titles[:-1], 0)
+        visible = set(carried[seen[1:]].tolist()) - {0}
+        everyone = set(run.vocab.encode_many(activity["SHLF_NUM"]).tolist())
+        assert visible == everyone  # own reads and all classmates' reads, including each latest one
+        assert sample.titles[query[r]] == 0 and sample.timestamps[query[r]] == as_seconds("2023-03-10") - run.time_origin
+
+
+def test_as_of_ignores_every_later_row(run, sample):
+    activity, info = sample
+    base = run.recommend(activity, info, k=5, as_of=AS_OF, batch_size=BATCH)
+    rng = np.random.default_rng(0)
+    students = rng.choice(activity["StudentID"].unique(), 40, replace=False)
+    known = [run.vocab.decode(i) for i in range(1, run.vocab.num_titles + 1)]
+    at = as_seconds(AS_OF)
+    junk = pd.DataFrame(
+        {
+            "StudentID": np.concatenate([students, students, [999_999, 999_999]]).astype(np.int64),
+            "SHLF_NUM": list(rng.choice(known, 80)) + ["NEVER-SEEN", "NEVER-SEEN-2"],
+            "timestamp": np.concatenate([np.full(40, at), at + rng.integers(1, 90 * DAY, 40), [at, at + DAY]]),
+        }
+    )
+    noisy = pd.concat([activity, junk], ignore_index=True).sample(frac=1.0, random_state=1)
+    out = run.recommend(noisy, info, k=5, as_of=AS_OF, batch_size=BATCH)
+    pd.testing.assert_frame_equal(out, base)
+    assert out.attrs["ignored_rows"] == base.attrs["ignored_rows"] + len(junk)
+    assert out.attrs["unknown_title_rows"] == base.attrs["unknown_title_rows"]
+    # ... while rows before as_of do count: a later as_of sees more and answers differently.
+    later = run.recommend(activity, info, k=5, as_of="2023-05-15", batch_size=BATCH)
+    assert not later["score"].equals(base["score"])
+
+
+def test_students_without_history_get_recommendations(run, sample):
+    activity, info = sample
+    someone = int(info["StudentID"].iloc[0])
+    newcomer = info[info["StudentID"] == someone].assign(StudentID=900_001)
+    info = pd.concat([info, newcomer], ignore_index=True)
+    out = run.recommend(activity, info, k=6, as_of=AS_OF, students=[someone, 900_001, 900_002], batch_size=BATCH)
+    assert out.groupby("StudentID")["rank"].apply(list).to_dict() == {
+        someone: list(range(1, 7)), 900_001: list(range(1, 7)), 900_002: list(range(1, 7))
+    }
+    # The newcomer's classmates shape their list; the unknown student 900_002 has none.
+    with_class = out[out["StudentID"] == 900_001]["score"].to_numpy()
+    alone = out[out["StudentID"] == 900_002]["score"].to_numpy()
+    assert not np.allclose(with_class, alone)
+
+
+def test_unknown_titles_are_counted_and_reported(run, sample, caplog):
+    activity, info = sample
+    student = int(activity["StudentID"].iloc[0])
+    base = run.recommend(activity, info, k=5, as_of=AS_OF, batch_size=BATCH)
+    extra = _rows(student, ["MYSTERY-1", "MYSTERY-2", "MYSTERY-1"], [0, 1, 2], start="2023-05-02")
+    caplog.clear()
+    out = run.recommend(pd.concat([activity, extra], ignore_index=True), info, k=5, as_of=AS_OF, batch_size=BATCH)
+    assert out.attrs["unknown_title_rows"] == base.attrs["unknown_title_rows"] + 3
+    assert out.attrs["unknown_titles"] == base.attrs["unknown_titles"] + 2
+    assert f"{out.attrs['unknown_title_rows']} of" in caplog.text and "not in the run's vocabulary" in caplog.text
+    assert (out["StudentID"] == student).sum() == 5
+    assert not out["title"].str.startswith("MYSTERY").any()
+
+
+def test_exclude_read_drops_only_titles_already_read(run, sample):
+    activity, info = sample
+    students = np.sort(activity["StudentID"].unique())[:24]
+    everything = run.recommend(activity, info, k=run.vocab.num_titles, as_of=AS_OF, students=students, batch_size=BATCH)
+    fresh = run.recommend(activity, info, k=8, as_of=AS_OF, students=students, exclude_read=True, batch_size=BATCH)
+    before = activity[activity["timestamp"] < as_seconds(AS_OF)]
+    dropped = 0
+    for student in students:
+        read = set(before.loc[before["StudentID"] == student, "SHLF_NUM"])
+        ranked = everything[everything["StudentID"] == student]
+        expected = ranked[~ranked["title"].isin(read)].head(8)
+        got = fresh[fresh["StudentID"] == student]
+        assert got["title"].tolist() == expected["title"].tolist()
+        np.testing.assert_allclose(got["score"], expected["score"], rtol=1e-5)
+        assert got["rank"].tolist() == list(range(1, 9))
+        dropped += ranked.head(8)["title"].isin(read).sum()
+    assert dropped > 0  # the unfiltered lists did hold read titles
+
+
+def _small_class(run):
+    titles = [run.vocab.decode(i) for i in range(1, 9)]
+    activity = pd.concat(
+        [
+            _rows(1, [titles[0], titles[1]], [0, 5]),
+            _rows(2, [titles[2], titles[0], titles[3]], [1, 2, 6]),
+            _rows(3, [titles[0], titles[4], titles[2]], [3, 4, 7]),
+            _rows(4, [titles[5]], [2]),  # another classroom
+        ],
+        ignore_index=True,
+    )
+    info = pd.DataFrame(
+        {"StudentID": [1, 2, 3, 4], "OrgnID": [7, 7, 7, 8], "GRADE_LVL_NBR": pd.array([3, 3, 3, 3], "Int64")}
+    )
+    return activity, info
+
+
+def test_explanations_count_the_classmates_who_read_each_title(run):
+    activity, info = _small_class(run)
+    as_of = "2023-03-10"
+    out = run.recommend(activity, info, k=run.vocab.num_titles, as_of=as_of, explain=True, batch_size=BATCH)
+    room = {1: {2, 3}, 2: {1, 3}, 3: {1, 2}, 4: set()}
+    reads = activity.assign(date=pd.to_datetime(activity["timestamp"], unit="s").dt.strftime("%Y-%m-%d"))
+    checked = 0
+    for row in out.itertuples():
+        mates = reads[reads["StudentID"].isin(room[row.StudentID]) & (reads["SHLF_NUM"] == row.title)]
+        own = reads[(reads["StudentID"] == row.StudentID) & (reads["SHLF_NUM"] == row.title)]
+        text = row.explanation
+        if len(mates):
+            n = mates["StudentID"].nunique()
+            days = int(np.ceil((as_seconds(as_of) - mates["timestamp"].min()) / DAY))
+            assert text.startswith(f"{n} classmate{'s' * (n > 1)} read it in the last {days} days")
+            assert f"most recently {mates['date'].max()}" in text
+            share = int(re.search(r"drew (\d+)% of the model's last-layer attention", text).group(1))
+            assert 0 <= share <= 100
+            checked += 1
+        else:
+            assert not re.match(r"\d+ classmate", text)
+        if len(own):
+            times = "once" if len(own) == 1 else f"{len(own)} times"
+            assert f"the student read it {times} before (last on {own['date'].max()})" in text
+        if not len(mates) and not len(own):
+            assert text.startswith(f"none of the {len(room[row.StudentID])} classmate")
+    assert checked >= 8  # every classmate-read title of students 1-3 was explained
+
+
+@eqx.filter_jit
+def _attention_check(model, rows, query):
+    """Per row: (rebuilt logits, model logits, weights, query's mask row, weights @ V @ Wo, real attention)."""
+
+    def one(sample, q):
+        x, mask, extra = last_block_input(model, sample)
+        block = last_block(model)
+        # Finishing the forward pass with the real last block must reproduce the model's logits.
+        h = model.decoder.final_ln(block(x, mask, key=None, **extra))
+        rebuilt = h @ model.decoder.out_kernel + model.decoder.out_bias
+        weights = last_layer_attention(model, sample, q)
+        normed = block.ln1(x)
+        v = (normed @ block.attention.wv).reshape(normed.shape[0], block.attention.num_heads, -1)
+        mixed = jnp.einsum("hk,khd->hd", weights, v).reshape(-1) @ block.attention.wo
+        real = block.attention(normed, mask, key=None, **extra)[q]
+        return rebuilt, model(sample), weights, mask[q], mixed, real
+
+    return jax.vmap(one)(rows, query)
+
+
+def test_last_layer_attention_matches_the_model(run):
+    activity, info = _small_class(run)
+    _, rows, query = run.query_rows(activity, info, as_of="2023-03-10")
+    rebuilt, logits, weights, seen, mixed, real = _attention_check(run.model, rows, query)
+    np.testing.assert_allclose(rebuilt, logits, atol=1e-5)
+    np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-6)
+    assert float(jnp.abs(weights * ~seen[:, None, :]).max()) == 0.0  # nothing outside the mask
+    assert int(seen[0].sum()) > int((rows.segments[0] == 1).sum())  # student 1 sees classmates too
+    np.testing.assert_allclose(mixed, real, atol=1e-5)  # the weights give the real attention output
+
+
+def test_individual_runs_have_no_classmates_and_no_explanations(run):
+    activity, info = _small_class(run)
+    model = eqx.nn.inference_mode(Individual(run.model_config, key=jax.random.key(3)))
+    individual = dataclasses.replace(run, model=model, model_name="individual")
+    assert not individual.reads_classmates and isinstance(run.model, Study)
+    ids, rows, _ = individual.query_rows(activity, info, as_of="2023-03-10")
+    assert rows.titles.shape[1] == run.config.chunk_size and rows.segments.max() == 1
+    out = individual.recommend(activity, info, k=3, as_of="2023-03-10")
+    assert out.groupby("StudentID").size().to_dict() == {1: 3, 2: 3, 3: 3, 4: 3}
+    with pytest.raises(ValueError, match="explanations come from STUDY"):
+        individual.recommend(activity, info, k=3, explain=True)
+
+
+@pytest.fixture(scope="module")
+def cli_inputs(tmp_path_factory):
+    paths = sample_data_paths()
+    return [str(tiny_run_dir()), str(paths["train"]), str(paths["valid"]), str(paths["student_info"])]
+
+
+def test_cli_writes_csv_and_json(run, sample, cli_inputs, tmp_path, capsys):
+    run_dir, train, valid, info = cli_inputs
+    common = ["--run", run_dir, "--activity", train, valid, "--student-info", info, "--k", "3", "--as-of", AS_OF]
+    recommend_cli.main([*common, "--out", str(tmp_path / "recs.csv"), "--batch-size", str(BATCH)])
+    recommend_cli.main([*common, "--out", str(tmp_path / "recs.json"), "--exclude-read", "--batch-size", str(BATCH)])
+    assert "wrote" in capsys.readouterr().out
+    csv = pd.read_csv(tmp_path / "recs.csv", dtype={"title": str})
+    expected = run.recommend(*sample, k=3, as_of=AS_OF, batch_size=BATCH)
+    pd.testing.assert_frame_equal(csv, expected, check_dtype=False, rtol=1e-6)
+    records = json.loads((tmp_path / "recs.json").read_text())
+    assert set(records[0]) == {"StudentID", "rank", "title", "score"}
+    expected = run.recommend(*sample, k=3, as_of=AS_OF, exclude_read=True, batch_size=BATCH)
+    pd.testing.assert_frame_equal(pd.DataFrame(records), expected, check_dtype=False, rtol=1e-6)
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporary files
+
+
+def test_cli_all_info_students_includes_students_without_activity(cli_inputs, sample, tmp_path):
+    run_dir, train, _, info = cli_inputs
+    students = pd.read_csv(info)
+    newcomer = students.iloc[[0]].assign(StudentID=900_001)
+    pd.concat([students, newcomer]).to_csv(tmp_path / "info.csv", index=False)
+    out = tmp_path / "recs.csv"
+    argv = ["--run", run_dir, "--activity", train, "--student-info", str(tmp_path / "info.csv"), "--k", "2"]
+    recommend_cli.main([*argv, "--out", str(out), "--all-info-students", "--batch-size", str(BATCH)])
+    frame = pd.read_csv(out)
+    assert set(frame["StudentID"]) == set(students["StudentID"]) | {900_001}
+    assert (frame["StudentID"] == 900_001).sum() == 2
+
+
+def test_cli_explain_adds_a_column(cli_inputs, tmp_path):
+    run_dir, train, _, info = cli_inputs
+    out = tmp_path / "explained.csv"
+    argv = ["--run", run_dir, "--activity", train, "--student-info", info, "--k", "2", "--out", str(out), "--explain"]
+    recommend_cli.main([*argv, "--batch-size", str(BATCH)])
+    frame = pd.read_csv(out)
+    assert list(frame.columns) == ["StudentID", "rank", "title", "score", "explanation"]
+    assert frame["explanation"].str.len().min() > 20
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"--out": "recs.txt"}, "extension must be .csv or .json"),
+        ({"--run": "no-such-run"}, "run directory not found"),
+        ({"--as-of": "yesterday-ish"}, "as_of 'yesterday-ish': cannot parse as a date"),
+        ({"--activity": "missing.csv"}, "file not found"),
+    ],
+)
+def test_cli_bad_input_exits_2_with_one_line(cli_inputs, tmp_path, capsys, change, message):
+    run_dir, train, _, info = cli_inputs
+    flags = {"--run": run_dir, "--activity": train, "--student-info": info, "--out": "recs.csv"}
+    flags.update(change)
+    argv = [item for flag, value in flags.items() for item in (flag, value)]
+    argv = [str(tmp_path / a) if a in ("recs.csv", "recs.txt", "missing.csv", "no-such-run") else a for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        recommend_cli.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1]
