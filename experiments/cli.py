@@ -1,14 +1,29 @@
-"""Shared command-line plumbing: presets under tyro, and clean errors with exit code 2."""
+"""Shared command-line plumbing: presets under tyro, and clean errors with fixed exit codes.
+
+Exit codes: 0 done; 1 an operating-system failure such as a full disk (one ``error:`` line);
+2 bad input, a flag or a file (one ``error:`` line: what, where, how to fix it); 3 training
+diverged (a non-finite loss; the last good checkpoint is kept); 130 stopped by SIGINT or SIGTERM
+(during training, after saving a checkpoint). ``--debug`` shows the traceback instead.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from absl import flags as absl_flags
 
+EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3
+EXIT_INTERRUPTED = 130
+
+T = TypeVar("T")
 
 
 def setup_logging() -> None:
@@ -29,16 +44,98 @@ def preset_from_argv(argv: list[str], default: str = "default") -> str:
     return default
 
 
-def run_cli(main: Callable[[], object], debug: bool) -> None:
-    """Runs ``main``; bad input exits with code 2 and one clear message (a traceback with --debug)."""
-    from studyrec.data.io import DataError
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_RULE = re.compile(r"^[\s─━═╌┄-]*$")
 
+
+def summarise_tyro_error(box: str) -> str:
+    """tyro's error box as one line: its first section, plus a "did you mean" when it has one.
+
+    tyro draws a framed box with the title in the top border, or (output not UTF-8) the title on
+    a line of its own above a rule; both read the same here.
+    """
+    box = _ANSI.sub("", box)
+    sections: list[list[str]] = [[]]
+    for raw in box.splitlines():
+        line = raw.strip().strip("│┃|").strip()
+        if line.startswith(("╭", "╰", "┏", "┗")):
+            continue
+        if _RULE.match(line):
+            sections.append([])
+        else:
+            sections[-1].append(line)
+    sections = [" ".join(s).strip() for s in sections if s]
+    if "╭" not in box and len(sections) > 1:
+        sections = sections[1:]  # the title
+    if not sections:
+        return "the command line could not be parsed"
+    message = sections[0]
+    for section in sections[1:]:
+        if section.startswith("Perhaps you meant:"):
+            flag = re.search(r"--[\w.-]+", section)
+            if flag:
+                message += f"; did you mean {flag.group(0)}?"
+    return message
+
+
+def parse_flags(config_type: type[T], *, default: T, args: Sequence[str], prog: str) -> T:
+    """``tyro.cli``, except that a rejected command line prints one ``error:`` line and exits 2.
+
+    With ``--debug`` among ``args``, tyro's full error box is printed as well.
+    """
+    import tyro
+
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            config = tyro.cli(config_type, default=default, args=list(args), prog=prog)
+    except SystemExit as e:
+        if e.code in (0, None):  # --help
+            raise
+        if "--debug" in args:
+            sys.stderr.write(captured.getvalue())
+        print(f"error: {summarise_tyro_error(captured.getvalue())} (see {prog} --help)", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    sys.stderr.write(captured.getvalue())  # warnings from a successful parse
+    return config
+
+
+BAD_INPUT = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+"""Bad input (DataError is a ValueError): exit code 2."""
+
+
+def exit_code(error: BaseException) -> int | None:
+    """The exit code for an error that deserves one line, or None for a bug (shown as a traceback)."""
+    loop = sys.modules.get("studyrec.train.loop")  # TrainingError exists only once training was imported
+    if loop is not None and isinstance(error, loop.TrainingError):
+        return EXIT_DIVERGED
+    if isinstance(error, BAD_INPUT):
+        return EXIT_BAD_INPUT
+    if isinstance(error, OSError):
+        return EXIT_FAILED
+    return None
+
+
+def _close_progress_bars() -> None:
+    """Ends open tqdm bars, so that a message starts on a line of its own."""
+    if "tqdm" in sys.modules:
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
+
+
+def run_cli(main: Callable[[], object], debug: bool) -> None:
+    """Runs ``main`` and maps failures to the exit codes above; ``debug`` re-raises with the traceback."""
     try:
         main()
     except KeyboardInterrupt:
-        sys.exit(130)
-    except (DataError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
-        if debug:
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as e:  # noqa: BLE001 - sorted by exit_code; anything else propagates
+        code = exit_code(e)
+        _close_progress_bars()
+        if debug or code is None:
             raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
+        hint = "; rerun with --debug for the traceback" if code == EXIT_FAILED else ""
+        print(f"error: {e}{hint}", file=sys.stderr)
+        sys.exit(code)

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import sys
 
-import tyro
-
-from experiments.cli import preset_from_argv, run_cli, setup_logging
+from experiments.cli import EXIT_BAD_INPUT, parse_flags, preset_from_argv, run_cli, setup_logging
 from studyrec.train.config import PRESETS, TrainConfig
 
 
@@ -18,8 +16,8 @@ def parse(argv: list[str]) -> TrainConfig:
     preset = preset_from_argv(argv)
     if preset not in PRESETS:
         print(f"error: unknown --preset {preset!r}; choose one of {', '.join(PRESETS)}", file=sys.stderr)
-        sys.exit(2)
-    return tyro.cli(TrainConfig, default=PRESETS[preset], args=argv, prog="python -m experiments.train")
+        sys.exit(EXIT_BAD_INPUT)
+    return parse_flags(TrainConfig, default=PRESETS[preset], args=argv, prog="python -m experiments.train")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from studyrec.evaluate import model_eval
 from studyrec.evaluate.metrics import write_tables
 from studyrec.models import ModelConfig, build
 from studyrec.train import distributed
+from studyrec.train.best import BestParameters
 from studyrec.train.checkpoint import Checkpoints
 from studyrec.train.config import TrainConfig
 from studyrec.train.mesh import make_mesh, place_batch, shard_params
@@ -38,20 +40,51 @@ class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss, say); the last good checkpoint is kept."""
 
 
-def prepare_run_dir(path: Path) -> None:
+def check_flags(cfg: TrainConfig, n_devices: int) -> None:
+    """Rejects flag values that cannot work, before anything is read or written."""
+    positive = ("steps", "seq_len", "per_device_batch_size", "eval_every", "save_every", "log_every", "keep_checkpoints")
+    for flag in positive:
+        if getattr(cfg, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} {getattr(cfg, flag)} must be at least 1")
+    if cfg.vocab_size < 0:
+        raise ValueError(f"--vocab-size {cfg.vocab_size} is negative; give a title count, or 0 to keep every title")
+    if cfg.fsdp < 1 or n_devices % cfg.fsdp:
+        divisors = [d for d in range(1, n_devices + 1) if n_devices % d == 0]
+        raise ValueError(f"--fsdp {cfg.fsdp} does not divide the {n_devices} devices; use one of {divisors}")
+    if cfg.chunk_size > cfg.seq_len:
+        raise ValueError(
+            f"--student-chunk-size {cfg.chunk_size} is larger than --seq-len {cfg.seq_len}; "
+            f"make it at most {cfg.seq_len} or raise --seq-len"
+        )
+
+
+def check_run_dir(path: Path) -> None:
+    """Fails, creating nothing, when the run directory cannot be created or written."""
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"--output-dir {path} is a file; give a directory")
-    path.mkdir(parents=True, exist_ok=True)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(f"--output-dir {path} is inside {existing}, which is a file; choose another directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"--output-dir {path}: {existing} is not writable; choose another directory")
+
+
+def prepare_run_dir(path: Path) -> None:
+    check_run_dir(path)
     probe = path / ".write_test"
     try:
+        path.mkdir(parents=True, exist_ok=True)
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise PermissionError(f"--output-dir {path} is not writable ({e.strerror})") from None
+        raise PermissionError(f"--output-dir {path} is not writable ({e.strerror}); choose another directory") from None
 
 
 def _packer(data: Interactions, cfg: TrainConfig, vocab: Vocabulary, origin: int, align: str = "start") -> ClassroomPacker:
-    return ClassroomPacker(data, make_chunks(data, cfg.chunk_size, align), cfg.seq_len, vocab.sep, origin)
+    chunks = make_chunks(data, cfg.chunk_size, align)
+    return ClassroomPacker(data, chunks, cfg.seq_len, vocab.sep, origin, aligned=cfg.sampler == "aligned")
 
 
 def _write_config(run_dir: Path, cfg: TrainConfig, model_config: ModelConfig, extra: dict, resumed_at: int | None) -> None:
@@ -95,23 +128,35 @@ class _StopRequest:
 def train(cfg: TrainConfig) -> Path:
     """Runs (or resumes) a training job and writes its run directory; returns the directory."""
     distributed.initialize(cfg.dist)
+    with distributed.leave_on_error():  # an error on one process must not leave the others waiting
+        return _train(cfg)
+
+
+def _train(cfg: TrainConfig) -> Path:
     is_main = jax.process_index() == 0
     run_dir = Path(cfg.run_dir())
-    if is_main:
-        prepare_run_dir(run_dir)
+    # Every flag, input file and a resumed run's vocabulary is checked before the run dir is written.
+    check_flags(cfg, jax.device_count())
+    check_run_dir(run_dir)
 
     mesh = make_mesh(cfg.fsdp)
     n_devices = jax.device_count()
     global_batch = cfg.per_device_batch_size * n_devices
     peak_lr = cfg.learning_rate * (global_batch / 2048 if cfg.scale_lr else 1.0)
-    if cfg.chunk_size > cfg.seq_len:
-        raise ValueError(f"--student-chunk-size {cfg.chunk_size} is larger than --seq-len {cfg.seq_len}")
 
     # Data: validated frames, the vocabulary (reused on resume), encoded interactions.
     paths = dataset.DataPaths.resolve(cfg.train_data, cfg.valid_data, cfg.student_info, cfg.school_info)
     frames = dataset.Frames.load(paths)
     vocab_path = run_dir / "vocab.json"
-    vocab = Vocabulary.load(vocab_path) if vocab_path.exists() else dataset.build_vocab(frames, cfg.vocab_size)
+    vocab = dataset.build_vocab(frames, cfg.vocab_size)
+    if vocab_path.exists():
+        saved = Vocabulary.load(vocab_path)
+        if saved != vocab:
+            raise ValueError(
+                f"{vocab_path} holds {len(saved)} tokens, but --vocab-size {cfg.vocab_size} on these training files "
+                f"gives {len(vocab)}{' with other titles' if len(saved) == len(vocab) else ''}; resume with the data "
+                f"and flags the run was started with (see {run_dir / 'config.json'}), or choose a new --output-dir"
+            )
     origin = dataset.time_origin(frames.train)
     train_data = dataset.encode(frames.train, vocab, frames, cfg.classroom_grouping)
     logger.info(dataset.describe("train", train_data))
@@ -141,12 +186,15 @@ def train(cfg: TrainConfig) -> Path:
         train_packer, seed=cfg.seed, global_batch=global_batch, num_steps=cfg.steps, process_index=pi, process_count=pc
     )
     iterator = prefetching(batches, buffer=cfg.prefetch)
+    if is_main:
+        prepare_run_dir(run_dir)
     checkpoints = Checkpoints(run_dir, keep=cfg.keep_checkpoints)
-    start = checkpoints.latest_step() or 0
-    if start:
-        model, opt_state, meta = checkpoints.restore(start, model, opt_state, iterator)
-        if meta.get("model") not in (None, cfg.model):
-            raise ValueError(f"{run_dir} holds a {meta['model']!r} run; it cannot resume as --model {cfg.model}")
+    # The newest intact checkpoint (a damaged one is set aside); its model kind and sizes must match.
+    expect = {"model": cfg.model, "vocab_size": len(vocab)}
+    restored = checkpoints.restore_latest(model, opt_state, iterator, expect=expect)
+    start = 0
+    if restored is not None:
+        start, model, opt_state, _ = restored
         logger.info("resumed from step %d", start)
 
     extra = {"time_origin": origin, "vocab_size": len(vocab), "global_batch": global_batch, "peak_lr": peak_lr,
@@ -155,6 +203,7 @@ def train(cfg: TrainConfig) -> Path:
         vocab.save(vocab_path)
         _write_config(run_dir, cfg, model_config, extra, start or None)
     tracker = Tracker(run_dir, {**dataclasses.asdict(cfg), **extra}, cfg.wandb, resume_step=start, enabled=is_main)
+    best = BestParameters(run_dir, resume_step=start) if cfg.select_best and valid_packer is not None else None
 
     # Fixed rows scored every eval_every steps, packed once.
     def fixed(packer: ClassroomPacker | None):
@@ -197,9 +246,12 @@ def train(cfg: TrainConfig) -> Path:
             if done % cfg.log_every == 0 or last or done % cfg.save_every == 0:
                 metrics = summarise(sums, "train/")
                 if not math.isfinite(metrics["train/loss"]):
+                    checkpoints.wait()  # an earlier save still in flight completes; this state is never saved
+                    good = checkpoints.latest_step()
+                    kept = f"the last good checkpoint (step {good}) is kept" if good else "no checkpoint was written"
                     raise TrainingError(
-                        f"the training loss became {metrics['train/loss']} at step {done}; the last good checkpoint "
-                        f"({checkpoints.latest_step()}) is kept. Lower --learning-rate or set --grad-clip."
+                        f"the training loss became {metrics['train/loss']} at step {done}; {kept}. "
+                        "Lower --learning-rate or set --grad-clip, then rerun (it resumes from that checkpoint)."
                     )
                 elapsed = time.perf_counter() - tick
                 steps_done = done - last_logged
@@ -213,21 +265,32 @@ def train(cfg: TrainConfig) -> Path:
                 tick, wait, last_logged = time.perf_counter(), 0.0, done
                 if done % cfg.eval_every == 0 or last:
                     metrics.update({f"eval/{k}": v for k, v in evaluate(done).items()})
+                    if best is not None and "eval/valid_accuracy" in metrics:
+                        best.offer(done, model, metrics["eval/valid_accuracy"])
                 tracker.log(done, metrics)
                 bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", steps_s=f"{metrics['perf/steps_per_s']:.2f}",
                                 tok_s=f"{metrics['perf/tokens_per_s']:.0f}")
             if done % cfg.save_every == 0 or last:
                 save(done)
-            if stop.signal is not None:
+            # Every process must stop after the same step (the save is collective), so they agree every 10 steps.
+            asked = stop.signal is not None
+            if pc > 1:
+                asked = (done % 10 == 0 or last) and distributed.any_process(asked)
+            if asked:
                 save(done, force=True)
                 checkpoints.wait()
                 bar.close()
-                logger.warning("stopped by signal %d after step %d; rerun the same command to resume", stop.signal, done)
+                logger.warning("stopped by signal %s after step %d; rerun the same command to resume",
+                               stop.signal or "(on another process)", done)
                 raise KeyboardInterrupt
     bar.close()
     checkpoints.wait()
 
     if valid_packer is not None:
+        if best is not None:
+            logger.info("final evaluation with the parameters of step %d (best validation accuracy %.4f)", best.step, best.score)
+            model = best.restore(model)
+            best.close()
         final_evaluation(cfg, model, frames, vocab, origin, mesh, global_batch, tracker, run_dir, is_main)
     tracker.finish()
     checkpoints.close()

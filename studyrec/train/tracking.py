@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from pathlib import Path
 
+from studyrec.data.atomic import write_text_atomic
 from studyrec.train.config import WandbConfig
+
+
+def _step_of(line: str) -> float:
+    """A metrics line's step; a torn last line (power loss mid-write) counts as past every step."""
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:
+        return float("inf")
 
 
 class Tracker:
@@ -25,7 +33,7 @@ class Tracker:
 
             run_id_file = run_dir / "wandb_id.txt"
             run_id = run_id_file.read_text().strip() if run_id_file.exists() else uuid.uuid4().hex[:12]
-            run_id_file.write_text(run_id)
+            write_text_atomic(run_id_file, run_id)
             self.run = wandb.init(
                 project=wandb_config.project,
                 name=wandb_config.name or run_dir.name,
@@ -40,10 +48,8 @@ class Tracker:
     def _truncate_after(self, step: int) -> None:
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= step]
+        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:

@@ -1,0 +1,274 @@
+"""Malformed files and flags: exit code 2, one clear ``error:`` line, no traceback, nothing written.
+
+Most cases call ``experiments.train.main`` in-process (the same code path as the command line, minus
+the interpreter start); a few representative ones run the real CLI in a subprocess. Odd but valid
+input (a BOM, CRLF, unicode and comma-laden titles, '007' next to '7', ids past 2^31 and 2^53) must
+train end to end, and a run directory resumed with other flags or data is refused without a change.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from experiments.cli import summarise_tyro_error
+from experiments.train import main
+from studyrec.data.io import load_activity, load_student_info
+
+ROOT = Path(__file__).resolve().parents[1]
+BAD = Path(__file__).parent / "data" / "bad"
+TINY = [
+    "--steps", "1", "--arch.num-layers", "1", "--arch.d-model", "16", "--arch.qkv-dim", "16", "--arch.num-heads", "2",
+    "--arch.mlp-dim", "32", "--per-device-batch-size", "1", "--eval-rows", "8", "--wandb.mode", "disabled",
+]
+GOOD = {"train": "activity.csv", "valid": "valid.csv", "students": "students.csv", "schools": "schools.csv"}
+
+
+def argv(output_dir: Path, *extra: str, **files: str) -> list[str]:
+    """A tiny training command on the good fixture files, with some of them swapped for bad ones."""
+    chosen = {**GOOD, **files}
+    paths = {key: str(BAD / name) if name else None for key, name in chosen.items()}
+    args = ["--output-dir", str(output_dir), *TINY]
+    for flag, key in (("--train-data", "train"), ("--valid-data", "valid"), ("--student-info", "students"),
+                      ("--school-info", "schools")):
+        if paths[key]:
+            args += [flag, paths[key]]
+    return args + list(extra)
+
+
+def run_main(args: list[str], capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def error_line(err: str) -> str:
+    """The only ``error:`` line of ``err``; fails on a traceback or more than one error."""
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns) for p in directory.rglob("*")}
+
+
+# (files swapped in, fragments the error line must contain)
+BAD_FILES = [
+    pytest.param({"train": "missing_column.csv"}, ["missing_column.csv:1:", "column 'Date'", "missing required"],
+                 id="missing-column"),
+    pytest.param({"train": "renamed_header.csv"}, ["renamed_header.csv:1:", "rename 'studentid' -> 'StudentID'"],
+                 id="renamed-header"),
+    pytest.param({"train": "empty.csv"}, ["empty.csv:", "file is empty", "expected a header line"], id="empty-file"),
+    pytest.param({"valid": "header_only.csv"}, ["header_only.csv:1:", "no data rows"], id="header-only"),
+    pytest.param({"train": "semicolon.csv"}, ["semicolon.csv:1:", "';'-separated", "commas as separators"],
+                 id="wrong-delimiter"),
+    pytest.param({"train": "bad_date.csv"}, ["bad_date.csv:3:", "column 'Date'", "'2023-13-45'", "YYYY-MM-DD"],
+                 id="unparseable-date"),
+    pytest.param({"train": "future_date.csv"},
+                 ["future_date.csv:3:", "column 'Date'", "out of range", "check the year"],
+                 id="out-of-range-date"),
+    pytest.param({"train": "non_integer_id.csv"}, ["non_integer_id.csv:3:", "column 'StudentID'", "'10x2'"],
+                 id="non-integer-id"),
+    pytest.param({"train": "negative_id.csv"}, ["negative_id.csv:3:", "column 'StudentID'", "negative"],
+                 id="negative-id"),
+    pytest.param({"train": "huge_id.csv"}, ["huge_id.csv:3:", "column 'StudentID'", "larger than 2^63-1"],
+                 id="id-over-2^63"),
+    pytest.param({"train": "missing_title.csv"}, ["missing_title.csv:3:", "column 'SHLF_NUM'", "missing title"],
+                 id="nan-title"),
+    pytest.param({"train": "unquoted_comma.csv"}, ["unquoted_comma.csv:3:", "5 fields", "quote fields"],
+                 id="unquoted-comma"),
+    pytest.param({"valid": "not_utf8.csv"}, ["not_utf8.csv:3:", "not valid UTF-8", "re-save"], id="not-utf8"),
+    pytest.param({"train": "bad_seconds.csv"}, ["bad_seconds.csv:2:", "column 'Seconds Read'", "'ten'"],
+                 id="non-numeric-seconds"),
+    pytest.param({"train": "unknown_students.csv"}, ["unknown_students.csv:", "none of its 2 students", "students.csv"],
+                 id="no-known-student"),
+    pytest.param({"students": "conflicting_grades.csv"},
+                 ["conflicting_grades.csv:4:", "GRADE_LVL_NBR", "student 101", "line 2", "one row per student"],
+                 id="conflicting-grades"),
+    pytest.param({"students": "bad_grade.csv"}, ["bad_grade.csv:3:", "GRADE_LVL_NBR", "'third'", "integer"],
+                 id="non-numeric-grade"),
+    pytest.param({"students": "students_no_school.csv"}, ["students_no_school.csv:1:", "'OrgnID'"],
+                 id="student-info-missing-column"),
+    pytest.param({"schools": "schools_bad_parent.csv"}, ["schools_bad_parent.csv:3:", "Parent_Building_ID", "'north'"],
+                 id="non-integer-district"),
+    pytest.param({"train": "no_such_file.csv"}, ["no_such_file.csv:", "file not found"], id="missing-file"),
+]
+
+
+@pytest.mark.parametrize("files, fragments", BAD_FILES)
+def test_bad_file_gives_one_error_line_and_writes_nothing(tmp_path, capsys, files, fragments):
+    out = tmp_path / "run"
+    code, err = run_main(argv(out, **files), capsys)
+    line = error_line(err)
+    assert code == 2, err
+    for fragment in fragments:
+        assert fragment in line, line
+    assert not out.exists()
+
+
+BAD_FLAGS = [
+    pytest.param(["--student-chunk-size", "80", "--seq-len", "65"],
+                 ["--student-chunk-size 80", "--seq-len 65", "at most 65"], id="chunk-over-seq-len"),
+    pytest.param(["--fsdp", "3"], ["--fsdp 3", "8 devices", "[1, 2, 4, 8]"], id="fsdp-not-dividing-devices"),
+    pytest.param(["--steps", "0"], ["--steps 0", "at least 1"], id="zero-steps"),
+    pytest.param(["--log-every", "0"], ["--log-every 0", "at least 1"], id="zero-log-every"),
+    pytest.param(["--per-device-batch-size", "0"], ["--per-device-batch-size 0"], id="zero-batch"),
+    pytest.param(["--vocab-size", "-5"], ["--vocab-size -5", "0 to keep every title"], id="negative-vocab"),
+    pytest.param(["--arch.num-heads", "3"], ["qkv_dim=16", "num_heads=3"], id="heads-not-dividing-qkv"),
+    pytest.param(["--model", "transformer"], ["'transformer'", "--model", "'study'", "--help"], id="unknown-model"),
+    pytest.param(["--preset", "huge"], ["--preset 'huge'", "cpu-small"], id="unknown-preset"),
+    pytest.param(["--stepz", "3"], ["--stepz", "did you mean --steps?"], id="unknown-flag"),
+    pytest.param(["--learning-rate", "fast"], ["--learning-rate", "'fast'"], id="non-numeric-flag"),
+]
+
+
+@pytest.mark.parametrize("extra, fragments", BAD_FLAGS)
+def test_bad_flag_gives_one_error_line_and_writes_nothing(tmp_path, capsys, extra, fragments):
+    out = tmp_path / "run"
+    code, err = run_main(argv(out, *extra), capsys)
+    line = error_line(err)
+    assert code == 2, err
+    for fragment in fragments:
+        assert fragment in line, line
+    assert not out.exists()
+
+
+def test_output_dir_that_is_a_file(tmp_path, capsys):
+    out = tmp_path / "taken"
+    out.write_text("keep me")
+    code, err = run_main(argv(out), capsys)
+    assert code == 2 and "--output-dir" in error_line(err) and "is a file" in error_line(err)
+    assert out.read_text() == "keep me"
+
+
+def test_output_dir_under_a_file(tmp_path, capsys):
+    blocker = tmp_path / "taken"
+    blocker.write_text("keep me")
+    code, err = run_main(argv(blocker / "run"), capsys)
+    line = error_line(err)
+    assert code == 2 and f"inside {blocker}, which is a file" in line and "choose another directory" in line
+    assert blocker.read_text() == "keep me"
+
+
+def test_tyro_box_becomes_one_line():
+    framed = (
+        "╭─ Unrecognized options ─────────╮\n"
+        "│ Unrecognized options: --stepz, │\n│ 3                              │\n"
+        "│ ────────────────────────────── │\n"
+        "│ Perhaps you meant:             │\n│     --steps INT                │\n"
+        "╰────────────────────────────────╯\n"
+    )
+    plain = (
+        " Unrecognized options  \n -------------------- \n  Unrecognized options: --stepz,\n  3 \n"
+        "  --------------------\n  Perhaps you meant:\n      --steps INT\n"
+    )
+    for box in (framed, plain):
+        assert summarise_tyro_error(box) == "Unrecognized options: --stepz, 3; did you mean --steps?"
+
+
+# --- valid oddities ------------------------------------------------------------------------------------
+
+
+def test_odd_but_valid_files_load_exactly():
+    activity = load_activity(BAD / "odd_activity.csv")
+    assert set(activity["StudentID"]) == {101, 102, 3_000_000_000, 9_007_199_254_740_993}  # 2^53 + 1 is exact
+    titles = set(activity["SHLF_NUM"])
+    assert {"007", "7", "Ünïcödé, vol. 2", 'The "Quoted" One', "📚 Bücher", "a,b,c"} == titles
+    offset = activity.loc[activity["timestamp"] % 86400 != 0, "timestamp"].tolist()
+    assert offset == [int(pd.Timestamp("2023-01-20T08:00:00Z").timestamp())]
+    info = load_student_info(BAD / "odd_students.csv")
+    assert info["StudentID"].tolist() == [3_000_000_000, 9_007_199_254_740_993, 101, 102]
+
+
+@pytest.fixture(scope="module")
+def odd_run(tmp_path_factory) -> Path:
+    """A finished two-step run on the odd files (it doubles as the run that later tests try to resume)."""
+    out = tmp_path_factory.mktemp("odd") / "run"
+    main(argv(out, "--steps", "2", "--save-every", "1", "--n-recommendations", "1", "3",
+              train="odd_activity.csv", valid="odd_valid.csv", students="odd_students.csv", schools="schools.csv"))
+    return out
+
+
+def test_odd_but_valid_files_train_end_to_end(odd_run):
+    vocab = json.loads((odd_run / "vocab.json").read_text(encoding="utf-8"))["vocab"]
+    assert {"007", "7", "Ünïcödé, vol. 2", 'The "Quoted" One', "📚 Bücher", "a,b,c"} <= set(vocab)
+    per_student = pd.read_csv(odd_run / "per_student.csv", dtype={"Student_ID": str})
+    assert {"3000000000", "9007199254740993"} <= set(per_student["Student_ID"])
+    recommendations = json.loads((odd_run / "recommendations.json").read_text(encoding="utf-8"))
+    assert "9007199254740993" in recommendations
+    recommended = {t for lists in recommendations.values() for ranking in lists for t in ranking}
+    assert recommended <= set(vocab) and recommended & {"Ünïcödé, vol. 2", "a,b,c", "📚 Bücher", "007"}
+    assert sorted(p.name for p in (odd_run / "checkpoints").iterdir()) == ["1", "2"]
+
+
+# --- resuming with other flags or data --------------------------------------------------------------
+
+ODD = dict(train="odd_activity.csv", valid="odd_valid.csv", students="odd_students.csv", schools="schools.csv")
+RESUME_MISMATCHES = [
+    pytest.param(["--model", "individual"], {}, ["model='study'", "model='individual'", "config.json"],
+                 id="model-kind"),
+    pytest.param(["--vocab-size", "3"], {}, ["vocab.json holds 8 tokens", "--vocab-size 3", "gives 5"],
+                 id="vocab-size"),
+    pytest.param([], {"train": "activity.csv", "students": "students.csv"}, ["vocab.json holds 8 tokens", "gives 10"],
+                 id="other-training-data"),
+    pytest.param(["--arch.d-model", "32", "--arch.qkv-dim", "32"], {},
+                 ["shape (1, 16, 16)", "(1, 32, 32)", "config.json"],
+                 id="model-sizes"),
+    pytest.param(["--grad-clip", "None"], {}, ["optimizer state", "config.json"], id="optimizer-layout"),
+]
+
+
+@pytest.mark.parametrize("extra, files, fragments", RESUME_MISMATCHES)
+def test_resume_with_other_settings_is_refused_and_changes_nothing(odd_run, capsys, extra, files, fragments):
+    before = snapshot(odd_run)
+    code, err = run_main(argv(odd_run, "--steps", "2", "--save-every", "1", *extra, **{**ODD, **files}), capsys)
+    line = error_line(err)
+    assert code == 2, err
+    for fragment in fragments:
+        assert fragment in line, line
+    assert snapshot(odd_run) == before
+
+
+def test_damaged_vocab_json_is_refused(odd_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(odd_run, run)
+    (run / "vocab.json").write_text('{"oov": "9", "vocab": {"a": ')
+    before = snapshot(run)
+    code, err = run_main(argv(run, "--steps", "2", **ODD), capsys)
+    assert code == 2 and "vocab.json: not a valid vocab.json" in error_line(err)
+    assert snapshot(run) == before
+
+
+# --- the real command line ---------------------------------------------------------------------------
+
+
+def cli(*args: str, devices: int = 1) -> subprocess.CompletedProcess:
+    env = {**os.environ, "JAX_NUM_CPU_DEVICES": str(devices), "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "experiments.train", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_data_error_exit_code_and_debug_traceback(tmp_path):
+    out = tmp_path / "run"
+    plain = cli(*argv(out, train="bad_date.csv"))
+    assert plain.returncode == 2, plain.stderr
+    assert "bad_date.csv:3: column 'Date'" in error_line(plain.stderr)
+    assert not out.exists()
+    debug = cli(*argv(out, "--debug", train="bad_date.csv"))
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "DataError" in debug.stderr
+    assert not out.exists()
+
+
+def test_cli_flag_error(tmp_path):
+    fsdp = cli(*argv(tmp_path / "run", "--fsdp", "3"), devices=8)
+    assert fsdp.returncode == 2 and "--fsdp 3 does not divide the 8 devices" in error_line(fsdp.stderr)
+    assert not (tmp_path / "run").exists()
