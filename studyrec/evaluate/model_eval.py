@@ -48,7 +48,8 @@ def predict_topk(
     out = np.zeros((layout.packer.data.num_interactions, k), np.int32)
     for sample, source in tqdm(prefetching(dataset), total=len(dataset), desc="evaluate", disable=not progress, leave=False):
         top = _gather(top_titles(model, place_batch(sample, mesh), k, num_titles))
-        source = _gather(source)
+        # Through the mesh like the sample, so its rows line up with ``top`` whatever the device order.
+        source = _gather(place_batch(source.astype(np.int32), mesh) if jax.process_count() > 1 else source)
         covered = source >= 0
         out[source[covered]] = top[covered]
     return out
