@@ -32,6 +32,20 @@ def setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # Grain reads absl flags; mark them parsed so it works outside absl.app.
     absl_flags.FLAGS.mark_as_parsed()
+    enable_compilation_cache()
+
+
+def enable_compilation_cache() -> None:
+    """Reuses compiled steps across runs (a resume or a rerun starts in seconds, not a recompile).
+
+    ``JAX_COMPILATION_CACHE_DIR`` chooses the folder; the default is ``~/.cache/studyrec/jax``.
+    """
+    import os
+
+    import jax
+
+    folder = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.expanduser("~/.cache/studyrec/jax")
+    jax.config.update("jax_compilation_cache_dir", folder)
 
 
 def preset_from_argv(argv: list[str], default: str = "default") -> str:

@@ -8,6 +8,8 @@ many processes share the work.
 
 from __future__ import annotations
 
+import os
+
 import grain
 import numpy as np
 
@@ -37,8 +39,12 @@ def training_batches(
     )
 
 
-def prefetching(dataset: grain.MapDataset, *, threads: int = 2, buffer: int = 8) -> grain.DatasetIterator:
-    """An iterator that packs ahead on background threads; ``get_state``/``set_state`` resume it."""
+def prefetching(dataset: grain.MapDataset, *, threads: int | None = None, buffer: int = 8) -> grain.DatasetIterator:
+    """An iterator that packs ahead on background threads (default: one per core, at most 16).
+
+    The order does not depend on the thread count; ``get_state``/``set_state`` resume it.
+    """
+    threads = threads or min(os.cpu_count() or 1, 16)
     return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=buffer)))
 
 
