@@ -60,7 +60,7 @@ class Interactions:
 
         The frame is stably re-sorted by (StudentID, timestamp), so same-time rows keep their order.
         """
-        order = np.lexsort((activity["timestamp"].to_numpy(), activity["StudentID"].to_numpy()))
+        order = _chronological_order(activity["StudentID"].to_numpy(np.int64), activity["timestamp"].to_numpy(np.int64))
         sids = activity["StudentID"].to_numpy(dtype=np.int64)[order]
         students, first, counts = np.unique(sids, return_index=True, return_counts=True)
         offsets = np.concatenate([first, [len(sids)]]).astype(np.int64)
@@ -75,6 +75,14 @@ class Interactions:
             classroom=classroom,
             grade=grade,
         )
+
+
+def _chronological_order(students: np.ndarray, times: np.ndarray) -> np.ndarray | slice:
+    """A stable (student, time) order; the identity, without sorting, when rows already are in it."""
+    step_student, step_time = np.diff(students), np.diff(times)
+    if np.all((step_student > 0) | ((step_student == 0) & (step_time >= 0))):
+        return slice(None)
+    return np.lexsort((times, students))
 
 
 @dataclasses.dataclass(frozen=True)
