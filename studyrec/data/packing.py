@@ -153,6 +153,10 @@ class ClassroomPacker:
         repeat = np.zeros_like(valid)
         np.put_along_axis(repeat, by_member[:, 1:], sorted_member[:, 1:] == sorted_member[:, :-1], 1)
         valid &= ~repeat
+        # At most (L+1)//2 chunks fit, and three misfits end a row: later candidates are never looked at.
+        front = np.argsort(~valid, axis=1, kind="stable")[:, : min(W, (L + 1) // 2 + MAX_REJECTS)]
+        member, valid = np.take_along_axis(member, front, 1), np.take_along_axis(valid, front, 1)
+        W = front.shape[1]
         student = self._members[self._class_start[room][:, None] + np.where(valid, member, 0)]
         if self.aligned:
             # Classmates' chunks around one moment: the anchor's random chunk ends at that moment,
@@ -162,7 +166,7 @@ class ClassroomPacker:
             at = np.searchsorted(self._chunk_key, student * self._key_base + moment, side="right") - 1
             chunk = np.maximum(at, chunks.first_chunk[student])
         else:
-            chunk = self._random_chunk(_uniform(seed, rows, 3, W), student)
+            chunk = self._random_chunk(np.take_along_axis(_uniform(seed, rows, 3, self._width), front, 1), student)
         length = chunks.length[chunk]
 
         accept = np.zeros((B, W), bool)
