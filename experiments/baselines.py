@@ -59,12 +59,7 @@ class BaselineConfig:
 
 def _parse(argv: list[str]) -> BaselineConfig:
     prog = "python -m experiments.baselines"
-    parse_flags = getattr(cli, "parse_flags", None)
-    if parse_flags is not None:
-        return parse_flags(BaselineConfig, default=None, args=argv, prog=prog)
-    import tyro
-
-    return tyro.cli(BaselineConfig, args=argv, prog=prog)
+    return cli.parse_flags(BaselineConfig, default=None, args=argv, prog=prog)
 
 
 def _frame(data, rows):

@@ -53,12 +53,7 @@ class RecommendConfig:
 
 def _parse(argv: list[str]) -> RecommendConfig:
     prog = "python -m experiments.recommend"
-    parse_flags = getattr(cli, "parse_flags", None)
-    if parse_flags is not None:  # one-line errors for bad flags
-        return parse_flags(RecommendConfig, default=None, args=argv, prog=prog)
-    import tyro
-
-    return tyro.cli(RecommendConfig, args=argv, prog=prog)
+    return cli.parse_flags(RecommendConfig, default=None, args=argv, prog=prog)
 
 
 def render(frame, suffix: str) -> str:

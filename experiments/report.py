@@ -210,10 +210,7 @@ def report(cfg: ReportConfig) -> Path:
 
 def _parse(argv: list[str]) -> ReportConfig:
     prog = "python -m experiments.report"
-    parse_flags = getattr(cli, "parse_flags", None)
-    if parse_flags is not None:
-        return parse_flags(ReportConfig, default=None, args=argv, prog=prog)
-    return tyro.cli(ReportConfig, args=argv, prog=prog)
+    return cli.parse_flags(ReportConfig, default=None, args=argv, prog=prog)
 
 
 def main(argv: list[str] | None = None) -> None:
