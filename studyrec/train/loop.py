@@ -215,7 +215,7 @@ def _train(cfg: TrainConfig) -> Path:
 
     probes = {"train_": fixed(train_packer), "valid_": fixed(valid_packer)}
 
-    def evaluate(step: int) -> dict:
+    def evaluate() -> dict:
         inference = eqx.nn.inference_mode(model)
         results = {}
         for prefix, batch in probes.items():
@@ -264,7 +264,7 @@ def _train(cfg: TrainConfig) -> Path:
                 })
                 tick, wait, last_logged = time.perf_counter(), 0.0, done
                 if done % cfg.eval_every == 0 or last:
-                    metrics.update({f"eval/{k}": v for k, v in evaluate(done).items()})
+                    metrics.update({f"eval/{k}": v for k, v in evaluate().items()})
                     if best is not None and "eval/valid_accuracy" in metrics:
                         best.offer(done, model, metrics["eval/valid_accuracy"])
                 tracker.log(done, metrics)
