@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from studyrec.data.classrooms import Grouping, assign_classrooms
+from studyrec.data.io import student_time_order
 from studyrec.data.vocab import Vocabulary
 
 
@@ -60,10 +61,12 @@ class Interactions:
 
         The frame is stably re-sorted by (StudentID, timestamp), so same-time rows keep their order.
         """
-        order = _chronological_order(activity["StudentID"].to_numpy(np.int64), activity["timestamp"].to_numpy(np.int64))
+        order = student_time_order(activity["StudentID"].to_numpy(np.int64), activity["timestamp"].to_numpy(np.int64))
+        order = slice(None) if order is None else order
         sids = activity["StudentID"].to_numpy(dtype=np.int64)[order]
-        students, first, counts = np.unique(sids, return_index=True, return_counts=True)
-        offsets = np.concatenate([first, [len(sids)]]).astype(np.int64)
+        first = np.flatnonzero(np.diff(sids, prepend=sids[:1] - 1))  # sorted: a new student where the id changes
+        students = sids[first]
+        offsets = np.append(first, len(sids)).astype(np.int64)
         classroom, grade = assign_classrooms(students, student_info, school_info, grouping)
         return cls(
             titles=vocab.encode_many(activity["SHLF_NUM"])[order],
@@ -75,14 +78,6 @@ class Interactions:
             classroom=classroom,
             grade=grade,
         )
-
-
-def _chronological_order(students: np.ndarray, times: np.ndarray) -> np.ndarray | slice:
-    """A stable (student, time) order; the identity, without sorting, when rows already are in it."""
-    step_student, step_time = np.diff(students), np.diff(times)
-    if np.all((step_student > 0) | ((step_student == 0) & (step_time >= 0))):
-        return slice(None)
-    return np.lexsort((times, students))
 
 
 @dataclasses.dataclass(frozen=True)

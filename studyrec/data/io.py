@@ -22,6 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+from pandas.api.types import union_categoricals
 
 logger = logging.getLogger("studyrec.data")
 
@@ -128,9 +131,49 @@ def _csv_lines(path: Path, rows: Sequence[int]) -> dict[int, int]:
     return out
 
 
-def _csv_header(path: Path) -> list[str]:
+def _csv_header(path: Path, strip: bool = True) -> list[str]:
     with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
-        return [h.strip() for h in next(csv.reader(f), [])]
+        return [h.strip() if strip else h for h in next(csv.reader(f), [])]
+
+
+def _categorical(column: pa.ChunkedArray) -> pd.Categorical:
+    """A dictionary-encoded Arrow column as a pandas Categorical, without materialising its values."""
+    column = column.unify_dictionaries()
+    if column.num_chunks == 0:
+        return pd.Categorical.from_codes(np.zeros(0, np.int32), categories=pd.Index([], dtype=object))
+    codes = np.concatenate([chunk.indices.to_numpy(zero_copy_only=False) for chunk in column.chunks])
+    categories = pd.Index(column.chunk(0).dictionary.to_numpy(zero_copy_only=False), dtype=object)
+    return pd.Categorical.from_codes(codes, categories=categories)
+
+
+def _read_csv_categorical(path: Path, integers: Sequence[str] = ()) -> pd.DataFrame:
+    """Every field as a string, dictionary-encoded while Arrow parses (on all cores): columns come
+    back as Categoricals, so validation and reordering touch each distinct value once.
+
+    Columns named in ``integers`` (many distinct values, such as StudentID) are parsed as int64
+    instead; if any of their fields is not a plain integer, the file is read again all as strings,
+    so that the validators can name the bad field.
+    """
+    names = _csv_header(path, strip=False)
+    as_int = [n for n in names if n.strip().lstrip("\ufeff") in integers]
+    types = {n: pa.int64() if n in as_int else pa.dictionary(pa.int32(), pa.string()) for n in names}
+    read = pa_csv.ReadOptions(column_names=names, skip_rows=1)
+    try:
+        table = pa_csv.read_csv(
+            path, read_options=read, convert_options=pa_csv.ConvertOptions(column_types=types, strings_can_be_null=False)
+        )
+        if any(table.column(n).null_count for n in as_int):
+            raise pa.ArrowInvalid("missing integers")
+    except pa.ArrowInvalid:
+        if not as_int:
+            raise
+        return _read_csv_categorical(path)
+    columns = {
+        i: table.column(i).to_numpy() if name in as_int else _categorical(table.column(i)) for i, name in enumerate(names)
+    }
+    frame = pd.DataFrame(columns)
+    frame.columns = names
+    return frame
 
 
 def _diagnose_csv(path: Path, exc: Exception) -> DataError:
@@ -153,8 +196,8 @@ def _diagnose_csv(path: Path, exc: Exception) -> DataError:
     return DataError(path, f"cannot be parsed as CSV: {exc}")
 
 
-def _read_table(path: str | os.PathLike, required: Sequence[str]) -> _Table:
-    """Reads one file with every CSV field as a string; checks existence, emptiness and columns."""
+def _read_table(path: str | os.PathLike, required: Sequence[str], integers: Sequence[str] = ()) -> _Table:
+    """Reads one file (CSV fields as strings, but ``integers`` columns as int64 when they all are); checks existence, emptiness and columns."""
     path = Path(path)
     if not path.exists():
         raise DataError(path, f"file not found (resolved to {path.resolve()})")
@@ -165,7 +208,7 @@ def _read_table(path: str | os.PathLike, required: Sequence[str]) -> _Table:
     is_csv = path.suffix.lower() not in _PARQUET_SUFFIXES
     try:
         if is_csv:
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False, engine="pyarrow", encoding="utf-8")
+            frame = _read_csv_categorical(path, integers)
         else:
             frame = pd.read_parquet(path)
     except Exception as e:
@@ -217,7 +260,12 @@ def _first(mask: np.ndarray, column: str, what) -> _Problem | None:
 
 
 def _as_strings(series: pd.Series) -> tuple[np.ndarray, pd.Series]:
-    """Factorised values: (codes, unique values as strings); a missing value gets code -1."""
+    """Factorised values: (codes, unique values as strings); a missing value gets code -1.
+
+    A Categorical is used as it is (unused categories are harmless: no row points at them).
+    """
+    if isinstance(series.dtype, pd.CategoricalDtype):
+        return series.cat.codes.to_numpy(), pd.Series(np.asarray(series.cat.categories), dtype=str)
     codes, uniques = pd.factorize(series, use_na_sentinel=True)
     return codes, pd.Series(np.asarray(uniques), dtype=str)
 
@@ -267,12 +315,16 @@ def _parse_ids(series: pd.Series, column: str, what: str = "id") -> tuple[np.nda
 
 
 def _parse_titles(series: pd.Series, column: str) -> tuple[pd.Series, _Problem | None]:
-    """Titles stay strings exactly as written ('007' stays '007'); empty means missing."""
-    titles = series if pd.api.types.is_string_dtype(series.dtype) else series.astype(str).where(series.notna())
-    codes, uniques = _as_strings(titles)
+    """Titles stay strings exactly as written ('007' stays '007'), as a Categorical; empty means missing."""
+    codes, uniques = _as_strings(series)
     blank = np.append(uniques.str.strip().to_numpy() == "", True)
     problem = _first(blank[codes], column, lambda r: "missing title: every row needs a SHLF_NUM")
-    return titles.astype(str), problem
+    values = uniques.to_numpy(dtype=object)
+    if uniques.is_unique:
+        titles = pd.Categorical.from_codes(codes, categories=pd.Index(values, dtype=object))
+    else:  # distinct raw values that print alike (1 and '1' in a Parquet object column)
+        titles = pd.Categorical(values[codes])
+    return pd.Series(titles), problem
 
 
 def _seconds_of(parsed: pd.Series | pd.DatetimeIndex) -> np.ndarray:
@@ -350,13 +402,13 @@ def _parse_grades(series: pd.Series, column: str) -> tuple[pd.Series, _Problem |
 
 
 def _load_activity_file(path: str | os.PathLike) -> pd.DataFrame:
-    table = _read_table(path, ACTIVITY_COLUMNS)
+    table = _read_table(path, ACTIVITY_COLUMNS, integers=("StudentID",))
     frame = table.frame
     ids, p_id = _parse_ids(frame["StudentID"], "StudentID", "StudentID")
     titles, p_title = _parse_titles(frame["SHLF_NUM"], "SHLF_NUM")
     seconds, p_date = _parse_dates(frame["Date"], "Date")
     problems = [p_id, p_title, p_date]
-    out = {"StudentID": ids, "SHLF_NUM": titles.reset_index(drop=True), "timestamp": seconds}
+    out = {"StudentID": ids, "SHLF_NUM": titles, "timestamp": seconds}
     if SECONDS_READ in frame.columns:
         read, p_read = _parse_numbers(frame[SECONDS_READ], SECONDS_READ)
         problems.append(p_read)
@@ -369,7 +421,7 @@ def load_activity(*paths: str | os.PathLike) -> pd.DataFrame:
     """Loads and validates student-activity files (CSV or Parquet), concatenated in argument order.
 
     Returns:
-        A new frame with ``StudentID`` (int64), ``SHLF_NUM`` (str), ``timestamp`` (int64 seconds
+        A new frame with ``StudentID`` (int64), ``SHLF_NUM`` (a Categorical of str), ``timestamp`` (int64 seconds
         since 1970 UTC) and ``Seconds Read`` when any file has it, stably sorted by
         ``(StudentID, timestamp)`` so that same-time rows keep their file order.
     """
@@ -382,8 +434,24 @@ def load_activity(*paths: str | os.PathLike) -> pd.DataFrame:
             "%d file(s) have no '%s' column (%s): their rows get NaN", len(without), SECONDS_READ, ", ".join(without)
         )
     activity = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
-    order = np.lexsort((activity["timestamp"].to_numpy(), activity["StudentID"].to_numpy()))  # stable
-    return activity.iloc[order].reset_index(drop=True)
+    if len(frames) > 1:  # concat turns categoricals with different categories into objects
+        activity["SHLF_NUM"] = union_categoricals([f["SHLF_NUM"] for f in frames], ignore_order=True)
+    order = student_time_order(activity["StudentID"].to_numpy(), activity["timestamp"].to_numpy())
+    return activity if order is None else activity.iloc[order].reset_index(drop=True)
+
+
+def student_time_order(students: np.ndarray, times: np.ndarray) -> np.ndarray | None:
+    """The stable order by ``(students, times)``, or None when the rows already are in it."""
+    if len(students) < 2:
+        return None
+    step = np.diff(students)
+    if np.all((step > 0) | ((step == 0) & (np.diff(times) >= 0))):
+        return None
+    t0, span = int(times.min()), int(times.max()) - int(times.min()) + 1
+    s0 = int(students.min())
+    if int(students.max()) - s0 < (1 << 62) // span:  # one int64 key sorts twice as fast as lexsort
+        return np.argsort((students - s0) * span + (times - t0), kind="stable")
+    return np.lexsort((times, students))
 
 
 def _same(a, b) -> bool:
