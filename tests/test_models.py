@@ -178,3 +178,17 @@ def test_tied_embeddings_share_the_table():
 def test_build_rejects_unknown_names():
     with pytest.raises(ValueError, match="unknown model"):
         build("knn", ModelConfig(**TINY), key=jax.random.key(0))
+
+
+@pytest.mark.parametrize("name", ["individual", "study", "study-lagfree"])
+def test_readout_of_one_hidden_state_is_that_positions_logits(name):
+    """The recommendation path reads out only the query slot; it must agree with the full pass."""
+    m = eqx.nn.inference_mode(build(name, ModelConfig(**TINY, num_grade_levels=5, recency_bias=True), key=jax.random.key(1)))
+    sample = FIXTURE._replace(grade_level=jnp.int32(3))
+    full = eqx.filter_jit(m)(sample)
+    hidden = eqx.filter_jit(m.hidden)(sample)
+    assert hidden.shape == (10, TINY["d_model"])
+    np.testing.assert_allclose(m.decoder.readout(hidden[7], sample.grade_level), full[7], rtol=1e-5, atol=1e-5)
+    # No blocks at all: the embeddings themselves (the residual stream before the first block).
+    first = eqx.filter_jit(lambda s: m.hidden(s, layers=0))(sample)
+    assert not np.allclose(first, hidden)

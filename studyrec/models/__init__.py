@@ -1,7 +1,7 @@
 """Individual and STUDY decoders as pure Equinox modules."""
 
 from studyrec.models.config import ModelConfig
-from studyrec.models.decoder import Decoder
+from studyrec.models.decoder import Decoder, DecoderModel
 from studyrec.models.lagfree import StudyLagFree
 from studyrec.models.masks import individual_mask, own_past, strictly_earlier, study_mask
 from studyrec.models.recommenders import MODELS, Individual, Study, build, shift_within_students
@@ -9,6 +9,7 @@ from studyrec.models.recommenders import MODELS, Individual, Study, build, shift
 __all__ = [
     "MODELS",
     "Decoder",
+    "DecoderModel",
     "Individual",
     "ModelConfig",
     "Study",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import equinox as eqx
 import jax
@@ -174,6 +175,76 @@ class Decoder(eqx.Module):
         self.embed_dropout = eqx.nn.Dropout(config.dropout)
         self.config = config
 
+    def embed(
+        self, tokens: Int[Array, " seq"], positions: Int[Array, " seq"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "seq d"]:
+        """Title embeddings plus sinusoidal positions, after dropout, in the compute dtype."""
+        x = self.embedding[tokens]
+        if self.config.tie_embeddings:
+            x = x * math.sqrt(self.config.d_model)
+        x = x + jnp.asarray(sinusoidal_table(self.config.max_len, self.config.d_model))[positions]
+        return self.embed_dropout(x, key=key).astype(self.config.dtype)
+
+    def transform(
+        self,
+        x: Float[Array, "rows d"],
+        block_fn: Callable[[Block, Float[Array, "rows d"], PRNGKeyArray | None], Float[Array, "rows d"]],
+        *,
+        key: PRNGKeyArray | None = None,
+        layers: int | None = None,
+    ) -> Float[Array, "rows d"]:
+        """The first ``layers`` blocks (default: all) under ``lax.scan``; ``block_fn(block, x, key)`` applies one."""
+        params, static = eqx.partition(self.blocks, eqx.is_array)
+        if layers is not None:
+            params = jax.tree.map(lambda a: a[:layers], params)
+        n = self.config.num_layers if layers is None else layers
+        layer_keys = None if key is None else jax.random.split(key, self.config.num_layers)[:n]
+
+        def layer(x, xs):
+            block_params, layer_key = xs
+            return block_fn(eqx.combine(block_params, static), x, layer_key), None
+
+        x, _ = jax.lax.scan(layer, x, (params, layer_keys))
+        return x
+
+    def attention_inputs(
+        self, mask: Bool[Array, "seq seq"], timestamps: Int[Array, " seq"] | None
+    ) -> tuple[Bool[Array, "seq seq"], dict]:
+        """The mask every block applies and its keyword arguments (the recency bias's ``log_gap``)."""
+        # A query that sees nothing (padding) attends to itself, so no softmax row is empty.
+        mask = mask | jnp.eye(mask.shape[0], dtype=bool)
+        extra = {}
+        if self.config.recency_bias and timestamps is not None:
+            extra["log_gap"] = recency_gap(timestamps)
+        return mask, extra
+
+    def hidden(
+        self,
+        inputs: Int[Array, " seq"],
+        positions: Int[Array, " seq"],
+        mask: Bool[Array, "seq seq"],
+        *,
+        timestamps: Int[Array, " seq"] | None = None,
+        key: PRNGKeyArray | None = None,
+        layers: int | None = None,
+    ) -> Float[Array, "seq d"]:
+        """The residual stream after the first ``layers`` blocks (default: all), before the final LayerNorm."""
+        ke, kb = (None, None) if key is None else jax.random.split(key)
+        mask, extra = self.attention_inputs(mask, timestamps)
+        block_fn = lambda block, x, k: block(x, mask, key=k, **extra)  # noqa: E731
+        return self.transform(self.embed(inputs, positions, key=ke), block_fn, key=kb, layers=layers)
+
+    def readout(self, h: Float[Array, "*rows d"], grade_level: Int[Array, ""]) -> Float[Array, "*rows vocab"]:
+        """Float32 logits from hidden states: final LayerNorm, output layer and the grade bias."""
+        dt = jnp.dtype(self.config.dtype)
+        kernel = self.embedding.T if self.out_kernel is None else self.out_kernel
+        logits = (self.final_ln(h) @ kernel.astype(dt)).astype(jnp.float32) + self.out_bias
+        if self.grade_bias is not None:
+            levels = self.grade_bias.shape[0] - 1
+            grade = jnp.where((grade_level > 0) & (grade_level <= levels), grade_level, 0)
+            logits = logits + self.grade_bias[grade]
+        return logits
+
     def __call__(
         self,
         inputs: Int[Array, " seq"],
@@ -188,33 +259,25 @@ class Decoder(eqx.Module):
 
         ``timestamps`` (seconds) feed the recency bias, when the config has it.
         """
-        dt = jnp.dtype(self.config.dtype)
-        ke, kb = (None, None) if key is None else jax.random.split(key)
-        x = self.embedding[inputs]
-        if self.config.tie_embeddings:
-            x = x * math.sqrt(self.config.d_model)
-        x = x + jnp.asarray(sinusoidal_table(self.config.max_len, self.config.d_model))[positions]
-        x = self.embed_dropout(x, key=ke).astype(dt)
-        # A query that sees nothing (padding) attends to itself, so no softmax row is empty.
-        mask = mask | jnp.eye(mask.shape[0], dtype=bool)
+        return self.readout(self.hidden(inputs, positions, mask, timestamps=timestamps, key=key), grade_level)
 
-        params, static = eqx.partition(self.blocks, eqx.is_array)
-        layer_keys = None if kb is None else jax.random.split(kb, self.config.num_layers)
 
-        log_gap = None
-        if self.config.recency_bias and timestamps is not None:
-            log_gap = recency_gap(timestamps)
+class DecoderModel(eqx.Module):
+    """A recommender over one shared ``Decoder``: subclasses say what the hidden states see."""
 
-        def layer(x, xs):
-            block_params, layer_key = xs
-            return eqx.combine(block_params, static)(x, mask, key=layer_key, log_gap=log_gap), None
+    decoder: Decoder
 
-        x, _ = jax.lax.scan(layer, x, (params, layer_keys))
-        x = self.final_ln(x)
-        kernel = self.embedding.T if self.out_kernel is None else self.out_kernel
-        logits = (x @ kernel.astype(dt)).astype(jnp.float32) + self.out_bias
-        if self.grade_bias is not None:
-            levels = self.grade_bias.shape[0] - 1
-            grade = jnp.where((grade_level > 0) & (grade_level <= levels), grade_level, 0)
-            logits = logits + self.grade_bias[grade]
-        return logits
+    def __init__(self, config: ModelConfig, *, key: PRNGKeyArray):
+        self.decoder = Decoder(config, key=key)
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.decoder.config
+
+    def hidden(self, sample, *, key: PRNGKeyArray | None = None, layers: int | None = None) -> Float[Array, "seq d"]:
+        """States before the readout; position p's predicts ``sample.titles[p]``."""
+        raise NotImplementedError
+
+    def __call__(self, sample, *, key: PRNGKeyArray | None = None) -> Float[Array, "seq vocab"]:
+        """Logits at every position of one packed row (a ``studyrec.data.packing.Sample``)."""
+        return self.decoder.readout(self.hidden(sample, key=key), sample.grade_level)

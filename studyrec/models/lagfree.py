@@ -25,14 +25,12 @@ from __future__ import annotations
 
 import math
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from studyrec.data.packing import Sample
-from studyrec.models.config import ModelConfig
-from studyrec.models.decoder import Attention, Block, Decoder, recency_gap, sinusoidal_table
+from studyrec.models.decoder import Attention, Block, DecoderModel, recency_gap
 from studyrec.models.masks import own_past, strictly_earlier
 
 
@@ -104,7 +102,7 @@ def two_stream_block(
     return x + block.mlp(block.ln2(x), key=km)
 
 
-class StudyLagFree(eqx.Module):
+class StudyLagFree(DecoderModel):
     """STUDY without the one-step lag: a content and a query stream over the shared decoder.
 
     The prediction at q depends on exactly the titles in
@@ -124,49 +122,17 @@ class StudyLagFree(eqx.Module):
     so nothing in A(q) is hidden. (``Study`` relies on the same ordering.)
     """
 
-    decoder: Decoder
-
-    def __init__(self, config: ModelConfig, *, key: PRNGKeyArray):
-        self.decoder = Decoder(config, key=key)
-
-    @property
-    def config(self) -> ModelConfig:
-        return self.decoder.config
-
     def mask(self, sample: Sample) -> Bool[Array, "2*seq seq"]:
         return two_stream_mask(sample.segments, sample.timestamps)
 
-    def __call__(self, sample: Sample, *, key: PRNGKeyArray | None = None) -> Float[Array, "seq vocab"]:
-        decoder, config = self.decoder, self.config
-        dt = jnp.dtype(config.dtype)
-        n = sample.titles.shape[0]
+    def hidden(self, sample: Sample, *, key: PRNGKeyArray | None = None, layers: int | None = None) -> Float[Array, "seq d"]:
+        """The query stream's states (the content stream only feeds it)."""
+        decoder, n = self.decoder, sample.titles.shape[0]
         ke, kb = (None, None) if key is None else jax.random.split(key)
-
         tokens = jnp.concatenate([sample.titles, jnp.zeros_like(sample.titles)])
-        positions = jnp.concatenate([sample.positions, sample.positions])
-        x = decoder.embedding[tokens]
-        if config.tie_embeddings:
-            x = x * math.sqrt(config.d_model)
-        x = x + jnp.asarray(sinusoidal_table(config.max_len, config.d_model))[positions]
-        x = decoder.embed_dropout(x, key=ke).astype(dt)
+        x = decoder.embed(tokens, jnp.concatenate([sample.positions, sample.positions]), key=ke)
         mask = self.mask(sample)
         # Both streams' rows at q share q's time, so the recency bias repeats for the query stream.
-        log_gap = jnp.tile(recency_gap(sample.timestamps), (2, 1)) if config.recency_bias else None
-
-        params, static = eqx.partition(decoder.blocks, eqx.is_array)
-        layer_keys = None if kb is None else jax.random.split(kb, config.num_layers)
-
-        def layer(x, xs):
-            block_params, layer_key = xs
-            block = eqx.combine(block_params, static)
-            return two_stream_block(block, x, mask, key=layer_key, log_gap=log_gap), None
-
-        x, _ = jax.lax.scan(layer, x, (params, layer_keys))
-        g = decoder.final_ln(x[n:])
-        kernel = decoder.embedding.T if decoder.out_kernel is None else decoder.out_kernel
-        logits = (g @ kernel.astype(dt)).astype(jnp.float32) + decoder.out_bias
-        if decoder.grade_bias is not None:
-            levels = decoder.grade_bias.shape[0] - 1
-            grade = jnp.where((sample.grade_level > 0) & (sample.grade_level <= levels), sample.grade_level, 0)
-            logits = logits + decoder.grade_bias[grade]
-        return logits
+        log_gap = jnp.tile(recency_gap(sample.timestamps), (2, 1)) if self.config.recency_bias else None
+        block_fn = lambda block, x, k: two_stream_block(block, x, mask, key=k, log_gap=log_gap)  # noqa: E731
+        return decoder.transform(x, block_fn, key=kb, layers=layers)[n:]

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import equinox as eqx
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from studyrec.data.packing import Sample
 from studyrec.models.config import ModelConfig
-from studyrec.models.decoder import Decoder
+from studyrec.models.decoder import DecoderModel
 from studyrec.models.lagfree import StudyLagFree
 from studyrec.models.masks import individual_mask, study_mask
 
@@ -23,25 +23,16 @@ def shift_within_students(titles: Int[Array, " seq"], segments: Int[Array, " seq
     return jnp.where(same_student & (segments > 0), previous, 0)
 
 
-class Individual(eqx.Module):
+class Individual(DecoderModel):
     """Each student's prediction attends only to that student's own past."""
 
-    decoder: Decoder
-
-    def __init__(self, config: ModelConfig, *, key: PRNGKeyArray):
-        self.decoder = Decoder(config, key=key)
-
-    @property
-    def config(self) -> ModelConfig:
-        return self.decoder.config
-
-    def mask(self, sample: Sample):
+    def mask(self, sample: Sample) -> Bool[Array, "seq seq"]:
         return individual_mask(sample.segments)
 
-    def __call__(self, sample: Sample, *, key: PRNGKeyArray | None = None) -> Float[Array, "seq vocab"]:
+    def hidden(self, sample: Sample, *, key: PRNGKeyArray | None = None, layers: int | None = None) -> Float[Array, "seq d"]:
         inputs = shift_within_students(sample.titles, sample.segments)
-        return self.decoder(
-            inputs, sample.positions, self.mask(sample), sample.grade_level, timestamps=sample.timestamps, key=key
+        return self.decoder.hidden(
+            inputs, sample.positions, self.mask(sample), timestamps=sample.timestamps, key=key, layers=layers
         )
 
 
@@ -54,7 +45,7 @@ class Study(Individual):
     query), so each classmate's latest title in the row is never seen.
     """
 
-    def mask(self, sample: Sample):
+    def mask(self, sample: Sample) -> Bool[Array, "seq seq"]:
         return study_mask(sample.segments, sample.timestamps)
 
 
