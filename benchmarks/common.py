@@ -151,7 +151,8 @@ def decoder_flops_per_token(config, seq_len: int) -> dict:
 
     Per layer: q, k, v and output projections, attention scores (QK^T) and weighted values (over
     all ``seq_len`` keys: the mask does not skip work), the two MLP matmuls; then the output layer
-    over the vocabulary. Forward + backward is 3x the forward.
+    over the vocabulary, and the copy head when the config has one (its query and key projections and
+    scores; its scatter-add onto the vocabulary is not a matmul). Forward + backward is 3x the forward.
     """
     d, qkv, mlp, V = config.d_model, config.qkv_dim, config.mlp_dim, config.vocab_size
     proj = 2 * (3 * d * qkv + qkv * d)
@@ -159,11 +160,13 @@ def decoder_flops_per_token(config, seq_len: int) -> dict:
     mlp_f = 2 * 2 * d * mlp
     layer = proj + attn + mlp_f
     out = 2 * d * V
-    fwd = config.num_layers * layer + out
+    copy = 2 * (2 * d * d + seq_len * d) if getattr(config, "copy_head", False) else 0
+    fwd = config.num_layers * layer + out + copy
     return {
         "forward": fwd,
         "train": 3 * fwd,
         "share_output_layer": out / fwd,
+        "share_copy_head": copy / fwd,
         "share_attention_scores": config.num_layers * attn / fwd,
         "share_projections": config.num_layers * proj / fwd,
         "share_mlp": config.num_layers * mlp_f / fwd,

@@ -457,9 +457,8 @@ def last_layer_attention(model: Study, sample: Sample, query: Int[Array, ""]) ->
 @eqx.filter_jit
 def _query_log_probs(model, sample: Sample, query: Int[Array, " batch"]) -> Float[Array, "batch vocab"]:
     """Log-probabilities over the output layer at each row's query slot (the only slot read out)."""
-    hidden = jax.vmap(model.hidden)(sample)
-    at = jnp.take_along_axis(hidden, query[:, None, None], axis=1)[:, 0]
-    return jax.nn.log_softmax(jax.vmap(model.decoder.readout)(at, sample.grade_level), axis=-1)
+    scores = jax.vmap(lambda s, q: model.logits_at(s, model.hidden(s), q[None])[0])(sample, query)
+    return jax.nn.log_softmax(scores, axis=-1)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "num_titles"))

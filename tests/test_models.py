@@ -115,10 +115,12 @@ def test_study_dependency_map_on_reference_fixture():
     assert_dependency_map(m, FIXTURE)
 
 
-@pytest.mark.parametrize("recency_bias", [False, True])
-def test_study_dependency_map_on_random_rows(recency_bias):
+@pytest.mark.parametrize(
+    "options", [{}, {"recency_bias": True}, {"copy_head": True}], ids=["plain", "recency-bias", "copy-head"]
+)
+def test_study_dependency_map_on_random_rows(options):
     rng = np.random.default_rng(0)
-    m = model("study", recency_bias=recency_bias)
+    m = model("study", **options)
     for _ in range(3):
         lengths = rng.integers(1, 5, size=3)
         titles, segs, times = [], [], []
@@ -192,3 +194,23 @@ def test_readout_of_one_hidden_state_is_that_positions_logits(name):
     # No blocks at all: the embeddings themselves (the residual stream before the first block).
     first = eqx.filter_jit(lambda s: m.hidden(s, layers=0))(sample)
     assert not np.allclose(first, hidden)
+
+
+@pytest.mark.parametrize("name", ["individual", "study", "study-lagfree"])
+def test_copy_head_gives_log_probabilities_and_copies_what_is_in_view(name):
+    m = build(name, ModelConfig(**TINY, copy_head=True), key=jax.random.key(2))
+    # A gate that always copies, with equal attention: the output is the titles in view, by count.
+    m = eqx.tree_at(lambda t: (t.decoder.copy.gate_bias, t.decoder.copy.wq), m, (jnp.float32(-50.0), jnp.zeros((32, 32))))
+    m = eqx.nn.inference_mode(m)
+    sample = row([5, 5, 7, 9], [1, 1, 1, 1], [0, 1, 2, 3])
+    scores = eqx.filter_jit(m)(sample)
+    probs = np.exp(np.asarray(scores))
+    np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+    # Position 3 (predicting 9) sees the carried titles 5, 5, 7 (the BOS carries nothing).
+    np.testing.assert_allclose(probs[3, [5, 7]], [2 / 3, 1 / 3], atol=1e-5)
+    assert probs[3, 9] < 1e-5  # the target itself is never in view
+    # The first read has nothing to copy: it keeps the output layer's distribution.
+    np.testing.assert_allclose(scores[0], jax.nn.log_softmax(m.decoder.readout(m.hidden(sample)[0], sample.grade_level)), atol=1e-5)
+    hidden = m.hidden(sample)
+    np.testing.assert_allclose(m.logits_at(sample, hidden, jnp.array([2, 3])), scores[2:], rtol=1e-5, atol=1e-5)
+

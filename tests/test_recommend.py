@@ -223,9 +223,7 @@ def _attention_check(model, rows, query):
         x, mask, extra = last_block_input(model, sample)
         block = last_block(model)
         # Finishing the forward pass with the real last block must reproduce the model's logits.
-        h = model.decoder.final_ln(block(x, mask, key=None, **extra))
-        kernel = model.decoder.embedding.T if model.decoder.out_kernel is None else model.decoder.out_kernel
-        rebuilt = h @ kernel + model.decoder.out_bias
+        rebuilt = model.logits_at(sample, block(x, mask, key=None, **extra))
         weights = last_layer_attention(model, sample, q)
         normed = block.ln1(x)
         v = (normed @ block.attention.wv).reshape(normed.shape[0], block.attention.num_heads, -1)

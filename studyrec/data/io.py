@@ -155,7 +155,7 @@ def _read_csv_categorical(path: Path, integers: Sequence[str] = ()) -> pd.DataFr
     so that the validators can name the bad field.
     """
     names = _csv_header(path, strip=False)
-    as_int = [n for n in names if n.strip().lstrip("\ufeff") in integers]
+    as_int = [n for n in names if n.strip() in integers]
     types = {n: pa.int64() if n in as_int else pa.dictionary(pa.int32(), pa.string()) for n in names}
     read = pa_csv.ReadOptions(column_names=names, skip_rows=1)
     try:

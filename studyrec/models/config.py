@@ -34,6 +34,8 @@ class ModelConfig:
     """Score titles with the input embedding table (makes copying a seen title easy)."""
     recency_bias: bool = False
     """A learned per-head attention bias on log(1 + days between query and key), so attention can prefer recent reads."""
+    copy_head: bool = False
+    """Mix the output softmax with a pointer over the titles in view (``CopyHead``)."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Compute dtype; parameters stay float32."""
 

@@ -147,6 +147,49 @@ class Block(eqx.Module):
         return x + self.mlp(self.ln2(x), key=km)
 
 
+class CopyHead(eqx.Module):
+    """A pointer over the titles a position may see, as in pointer-generator networks.
+
+    The output is ``g * softmax(logits) + (1 - g) * copy``: ``copy`` spreads one attention
+    distribution (with a learned recency bias) over the titles carried by the visible keys, and the
+    gate ``g`` depends on the query. Copying a title seen in context (the student's last read, a
+    classmate's recent one) then needs no title-specific weights, so it carries over to unseen weeks.
+    """
+
+    wq: Float[Array, "d d"]
+    wk: Float[Array, "d d"]
+    gate: Float[Array, " d"]
+    gate_bias: Float[Array, ""]
+    recency: Float[Array, ""]
+
+    def __init__(self, d_model: int, *, key: PRNGKeyArray):
+        kq, kk = jax.random.split(key)
+        self.wq, self.wk = _xavier(kq, d_model, d_model), _xavier(kk, d_model, d_model)
+        self.gate, self.gate_bias, self.recency = jnp.zeros(d_model), jnp.zeros(()), jnp.zeros(())
+
+    def __call__(
+        self,
+        queries: Float[Array, "n d"],
+        keys: Float[Array, "m d"],
+        carried: Int[Array, " m"],
+        mask: Bool[Array, "n m"],
+        log_gap: Float[Array, "n m"],
+        logits: Float[Array, "n vocab"],
+    ) -> Float[Array, "n vocab"]:
+        """Log-probabilities; rows that may see no title (a student's first read) keep ``logits``' softmax."""
+        q, k = queries.astype(jnp.float32), keys.astype(jnp.float32)
+        visible = mask & (carried > 0)[None, :]
+        scores = (q @ self.wq) @ (k @ self.wk).T / math.sqrt(q.shape[-1]) - self.recency * log_gap
+        weights = jax.nn.softmax(jnp.where(visible, scores, jnp.finfo(jnp.float32).min), axis=-1) * visible
+        copy = jnp.zeros(logits.shape, jnp.float32).at[:, carried].add(weights)
+        hit = copy > 0
+        log_copy = jnp.where(hit, jnp.log(jnp.where(hit, copy, 1.0)), -jnp.inf)
+        z = (q @ self.gate + self.gate_bias)[:, None]
+        log_vocab = jax.nn.log_softmax(logits, axis=-1)
+        mixed = jnp.logaddexp(jax.nn.log_sigmoid(z) + log_vocab, jax.nn.log_sigmoid(-z) + log_copy)
+        return jnp.where(visible.any(-1)[:, None], mixed, log_vocab)
+
+
 class Decoder(eqx.Module):
     """Embeddings, a scanned stack of blocks, final LayerNorm and the output layer."""
 
@@ -156,6 +199,7 @@ class Decoder(eqx.Module):
     out_kernel: Float[Array, "d vocab"] | None
     out_bias: Float[Array, " vocab"]
     grade_bias: Float[Array, "grades vocab"] | None
+    copy: CopyHead | None
     embed_dropout: eqx.nn.Dropout
     config: ModelConfig = eqx.field(static=True)
 
@@ -172,6 +216,7 @@ class Decoder(eqx.Module):
         self.grade_bias = (
             None if config.num_grade_levels is None else 0.01 * jax.random.normal(kg, (config.num_grade_levels + 1, V))
         )
+        self.copy = CopyHead(d, key=jax.random.fold_in(key, 1)) if config.copy_head else None
         self.embed_dropout = eqx.nn.Dropout(config.dropout)
         self.config = config
 
@@ -275,9 +320,30 @@ class DecoderModel(eqx.Module):
         return self.decoder.config
 
     def hidden(self, sample, *, key: PRNGKeyArray | None = None, layers: int | None = None) -> Float[Array, "seq d"]:
-        """States before the readout; position p's predicts ``sample.titles[p]``."""
+        """States before the readout: position p's state predicts ``sample.titles[p]``."""
         raise NotImplementedError
 
+    def copy_sources(self, sample) -> tuple[Int[Array, " seq"], Bool[Array, "seq seq"]]:
+        """For the copy head: the title each position carries, and which positions each query may copy from."""
+        raise NotImplementedError(f"{type(self).__name__} has no copy head")
+
+    def logits_at(
+        self, sample, hidden: Float[Array, "seq d"], rows: Int[Array, " n"] | None = None
+    ) -> Float[Array, "n vocab"]:
+        """Scores of the titles at ``rows`` (default: every position) from ``hidden(sample)``: logits, or
+        log-probabilities with a copy head (either way, softmax gives the probabilities)."""
+        at = hidden if rows is None else hidden[rows]
+        logits = self.decoder.readout(at, sample.grade_level)
+        head = self.decoder.copy
+        if head is None:
+            return logits
+        carried, mask = self.copy_sources(sample)
+        gap = recency_gap(sample.timestamps)
+        keys = self.decoder.final_ln(hidden)
+        if rows is not None:
+            mask, gap = mask[rows], gap[rows]
+        return head(keys if rows is None else keys[rows], keys, carried, mask, gap, logits)
+
     def __call__(self, sample, *, key: PRNGKeyArray | None = None) -> Float[Array, "seq vocab"]:
-        """Logits at every position of one packed row (a ``studyrec.data.packing.Sample``)."""
-        return self.decoder.readout(self.hidden(sample, key=key), sample.grade_level)
+        """Scores at every position of one packed row (a ``studyrec.data.packing.Sample``)."""
+        return self.logits_at(sample, self.hidden(sample, key=key))

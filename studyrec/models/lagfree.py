@@ -125,6 +125,10 @@ class StudyLagFree(DecoderModel):
     def mask(self, sample: Sample) -> Bool[Array, "2*seq seq"]:
         return two_stream_mask(sample.segments, sample.timestamps)
 
+    def copy_sources(self, sample: Sample) -> tuple[Int[Array, " seq"], Bool[Array, "seq seq"]]:
+        """Each position carries its own title; a query may copy exactly what its query stream reads."""
+        return sample.titles, query_mask(sample.segments, sample.timestamps)
+
     def hidden(self, sample: Sample, *, key: PRNGKeyArray | None = None, layers: int | None = None) -> Float[Array, "seq d"]:
         """The query stream's states (the content stream only feeds it)."""
         decoder, n = self.decoder, sample.titles.shape[0]

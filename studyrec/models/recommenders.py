@@ -29,6 +29,10 @@ class Individual(DecoderModel):
     def mask(self, sample: Sample) -> Bool[Array, "seq seq"]:
         return individual_mask(sample.segments)
 
+    def copy_sources(self, sample: Sample) -> tuple[Int[Array, " seq"], Bool[Array, "seq seq"]]:
+        """Key k carries the title before it (the input shift); a query may copy what its mask sees."""
+        return shift_within_students(sample.titles, sample.segments), self.mask(sample)
+
     def hidden(self, sample: Sample, *, key: PRNGKeyArray | None = None, layers: int | None = None) -> Float[Array, "seq d"]:
         inputs = shift_within_students(sample.titles, sample.segments)
         return self.decoder.hidden(

@@ -30,6 +30,8 @@ class ArchConfig:
     """Use the input embedding table as the output layer (copying a seen title generalises; the reference unties)."""
     recency_bias: bool = False
     """Learned per-head attention bias on log(1 + days between query and key)."""
+    copy_head: bool = True
+    """Mix the output with a pointer over the titles in view (copying a classmate's or one's own read generalises; the reference has none)."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Compute dtype: auto is bfloat16 on GPU/TPU and float32 on CPU."""
 
@@ -48,6 +50,7 @@ class ArchConfig:
             num_grade_levels=num_grade_levels,
             tie_embeddings=self.tie_embeddings,
             recency_bias=self.recency_bias,
+            copy_head=self.copy_head,
             dtype=dtype,
         )
 
