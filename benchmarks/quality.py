@@ -90,10 +90,13 @@ def row(dataset: str, name: str, run_dir: Path, seconds: float) -> dict:
             result[f"{subset} h@{n}"] = round(float(aggregate[(subset, n)]), 4)
     metrics = run_dir / "metrics.jsonl"
     if metrics.exists():
-        last = [json.loads(line) for line in metrics.read_text().splitlines() if "eval/valid_accuracy" in line]
-        if last:
-            result["train acc"] = round(last[-1]["eval/train_accuracy"], 4)
-            result["valid acc"] = round(last[-1]["eval/valid_accuracy"], 4)
+        evals = [json.loads(line) for line in metrics.read_text().splitlines() if "eval/valid_accuracy" in line]
+        if evals:  # the selected (best) checkpoint's accuracies, and the last step's: memorisation shows in the gap
+            best = max(evals, key=lambda e: e["eval/valid_accuracy"])
+            result["best step"] = best["step"]
+            result["train acc"] = round(best["eval/train_accuracy"], 4)
+            result["valid acc"] = round(best["eval/valid_accuracy"], 4)
+            result["last train/valid acc"] = f"{evals[-1]['eval/train_accuracy']:.3f}/{evals[-1]['eval/valid_accuracy']:.3f}"
     return result
 
 
