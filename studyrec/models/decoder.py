@@ -290,22 +290,6 @@ class Decoder(eqx.Module):
             logits = logits + self.grade_bias[grade]
         return logits
 
-    def __call__(
-        self,
-        inputs: Int[Array, " seq"],
-        positions: Int[Array, " seq"],
-        mask: Bool[Array, "seq seq"],
-        grade_level: Int[Array, ""],
-        *,
-        timestamps: Int[Array, " seq"] | None = None,
-        key: PRNGKeyArray | None = None,
-    ) -> Float[Array, "seq vocab"]:
-        """Logits (float32) at every position for already-shifted ``inputs``.
-
-        ``timestamps`` (seconds) feed the recency bias, when the config has it.
-        """
-        return self.readout(self.hidden(inputs, positions, mask, timestamps=timestamps, key=key), grade_level)
-
 
 class DecoderModel(eqx.Module):
     """A recommender over one shared ``Decoder``: subclasses say what the hidden states see."""
