@@ -239,11 +239,10 @@ class Decoder(eqx.Module):
         layers: int | None = None,
     ) -> Float[Array, "rows d"]:
         """The first ``layers`` blocks (default: all) under ``lax.scan``; ``block_fn(block, x, key)`` applies one."""
+        layers = self.config.num_layers if layers is None else layers
         params, static = eqx.partition(self.blocks, eqx.is_array)
-        if layers is not None:
-            params = jax.tree.map(lambda a: a[:layers], params)
-        n = self.config.num_layers if layers is None else layers
-        layer_keys = None if key is None else jax.random.split(key, self.config.num_layers)[:n]
+        params = jax.tree.map(lambda a: a[:layers], params)
+        layer_keys = None if key is None else jax.random.split(key, self.config.num_layers)[:layers]
 
         def layer(x, xs):
             block_params, layer_key = xs
@@ -281,9 +280,13 @@ class Decoder(eqx.Module):
 
     def readout(self, h: Float[Array, "*rows d"], grade_level: Int[Array, ""]) -> Float[Array, "*rows vocab"]:
         """Float32 logits from hidden states: final LayerNorm, output layer and the grade bias."""
+        return self.project(self.final_ln(h), grade_level)
+
+    def project(self, normed: Float[Array, "*rows d"], grade_level: Int[Array, ""]) -> Float[Array, "*rows vocab"]:
+        """The output layer and the grade bias, on states after the final LayerNorm."""
         dt = jnp.dtype(self.config.dtype)
         kernel = self.embedding.T if self.out_kernel is None else self.out_kernel
-        logits = (self.final_ln(h) @ kernel.astype(dt)).astype(jnp.float32) + self.out_bias
+        logits = (normed @ kernel.astype(dt)).astype(jnp.float32) + self.out_bias
         if self.grade_bias is not None:
             levels = self.grade_bias.shape[0] - 1
             grade = jnp.where((grade_level > 0) & (grade_level <= levels), grade_level, 0)
@@ -316,17 +319,16 @@ class DecoderModel(eqx.Module):
     ) -> Float[Array, "n vocab"]:
         """Scores of the titles at ``rows`` (default: every position) from ``hidden(sample)``: logits, or
         log-probabilities with a copy head (either way, softmax gives the probabilities)."""
-        at = hidden if rows is None else hidden[rows]
-        logits = self.decoder.readout(at, sample.grade_level)
         head = self.decoder.copy
         if head is None:
-            return logits
+            return self.decoder.readout(hidden if rows is None else hidden[rows], sample.grade_level)
+        keys = self.decoder.final_ln(hidden)  # normalised once: the copy head's keys, and its queries at rows
         carried, mask = self.copy_sources(sample)
         gap = recency_gap(sample.timestamps)
-        keys = self.decoder.final_ln(hidden)
+        queries = keys
         if rows is not None:
-            mask, gap = mask[rows], gap[rows]
-        return head(keys if rows is None else keys[rows], keys, carried, mask, gap, logits)
+            queries, mask, gap = keys[rows], mask[rows], gap[rows]
+        return head(queries, keys, carried, mask, gap, self.decoder.project(queries, sample.grade_level))
 
     def __call__(self, sample, *, key: PRNGKeyArray | None = None) -> Float[Array, "seq vocab"]:
         """Scores at every position of one packed row (a ``studyrec.data.packing.Sample``)."""
