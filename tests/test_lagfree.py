@@ -81,14 +81,14 @@ def test_reference_fixture_sees_what_study_lags():
     assert not deps[3, 6] and not deps[4, 7]  # same-day classmates stay hidden
 
 
-@pytest.mark.parametrize("copy_head", [False, True], ids=["plain", "copy-head"])
+@pytest.mark.parametrize("copy_head", [False, True], ids=["plain", "copy-head-gaps"])
 def test_dependency_map_is_exact_through_all_layers(copy_head):
     """The fixture and six random rows, in one batched pass through a 2-layer model."""
     fixture = FIXTURE._replace(
         **{f: jnp.pad(getattr(FIXTURE, f), (0, 14)) for f in ("titles", "segments", "timestamps", "positions")}
     )
     rows = [fixture] + [random_row(np.random.default_rng(seed)) for seed in range(6)]
-    diffs = np.asarray(influence(model(copy_head=copy_head), jax.tree.map(lambda *x: jnp.stack(x), *rows)))
+    diffs = np.asarray(influence(model(copy_head=copy_head, gap_embedding=copy_head), jax.tree.map(lambda *x: jnp.stack(x), *rows)))
     for d, s in zip(diffs, rows):
         assert_exact(d, s)
 

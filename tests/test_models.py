@@ -6,6 +6,7 @@ import pytest
 
 from studyrec.data import Sample
 from studyrec.models import ModelConfig, build, individual_mask, study_mask
+from studyrec.models.decoder import GAP_BUCKETS, gap_buckets
 
 SEP = 99
 TINY = dict(vocab_size=100, num_layers=2, d_model=32, qkv_dim=32, num_heads=2, mlp_dim=32, max_len=15)
@@ -116,7 +117,9 @@ def test_study_dependency_map_on_reference_fixture():
 
 
 @pytest.mark.parametrize(
-    "options", [{}, {"recency_bias": True}, {"copy_head": True}], ids=["plain", "recency-bias", "copy-head"]
+    "options",
+    [{}, {"recency_bias": True}, {"copy_head": True, "gap_embedding": True}],
+    ids=["plain", "recency-bias", "copy-head-gaps"],
 )
 def test_study_dependency_map_on_random_rows(options):
     rng = np.random.default_rng(0)
@@ -214,3 +217,37 @@ def test_copy_head_gives_log_probabilities_and_copies_what_is_in_view(name):
     hidden = m.hidden(sample)
     np.testing.assert_allclose(m.logits_at(sample, hidden, jnp.array([2, 3])), scores[2:], rtol=1e-5, atol=1e-5)
 
+
+
+def test_gap_buckets_count_half_octaves_of_hours_within_each_student():
+    hour = 3600
+    times = jnp.asarray([0, 0, hour, 25 * hour, 0, 10**9, 5, 0])
+    segments = jnp.asarray([1, 1, 1, 1, 0, 2, 2, 0])
+    np.testing.assert_array_equal(gap_buckets(times, segments), [0, 1, 3, 10, 0, 0, 1, 0])
+    assert int(gap_buckets(jnp.asarray([0, 10**9]), jnp.asarray([1, 1]))[1]) == GAP_BUCKETS - 1
+
+
+@pytest.mark.parametrize("name", ["individual", "study", "study-lagfree"])
+def test_gap_embedding_tells_how_long_ago_the_previous_read_was(name):
+    m = build(name, ModelConfig(**TINY, gap_embedding=True), key=jax.random.key(3))
+    m = eqx.nn.inference_mode(eqx.tree_at(lambda t: t.decoder.gap_embedding, m, jax.random.normal(jax.random.key(4), (GAP_BUCKETS, 32))))
+    day = 86400
+    soon, late = (row([5, 7, 9], [1, 1, 1], [0, day, t]) for t in (2 * day, 30 * day))
+    a, b = np.asarray(eqx.filter_jit(m)(soon)), np.asarray(eqx.filter_jit(m)(late))
+    np.testing.assert_allclose(a[:2], b[:2], rtol=1e-5, atol=1e-5)  # earlier positions do not see the later time
+    assert not np.allclose(a[2], b[2], atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["individual", "study", "study-lagfree"])
+def test_copy_recency_measures_the_age_of_each_carried_read(name):
+    m = build(name, ModelConfig(**TINY, copy_head=True), key=jax.random.key(2))
+    m = eqx.tree_at(
+        lambda t: (t.decoder.copy.gate_bias, t.decoder.copy.wq, t.decoder.copy.recency),
+        m,
+        (jnp.float32(-50.0), jnp.zeros((32, 32)), jnp.float32(2.0)),
+    )
+    day = 86400
+    probs = np.exp(np.asarray(eqx.filter_jit(eqx.nn.inference_mode(m))(row([5, 7, 9], [1, 1, 1], [0, 10 * day, 11 * day]))))
+    # Predicting 9 at day 11: title 5 was read 11 days before, title 7 one day before.
+    expected = np.exp(-2.0 * np.log1p(np.array([11.0, 1.0])))
+    np.testing.assert_allclose(probs[2, [5, 7]], expected / expected.sum(), rtol=1e-4)

@@ -14,9 +14,9 @@ from studyrec.data.packing import ClassroomPacker
 from studyrec.models import build
 from studyrec.train.checkpoint import Checkpoints
 from studyrec.train.config import PRESETS, ArchConfig, TrainConfig, WandbConfig
-from studyrec.train.loop import train
+from studyrec.train.loop import check_flags, resolve_steps, train
 from studyrec.train.mesh import make_mesh, place_batch, shard_params
-from studyrec.train.step import make_optimizer, make_train_step
+from studyrec.train.step import make_optimizer, make_train_step, schedule
 
 TINY_ARCH = ArchConfig(num_layers=1, d_model=16, qkv_dim=16, num_heads=2, mlp_dim=32)
 
@@ -114,3 +114,31 @@ def test_one_device_and_eight_devices_agree(tmp_path):
             losses[n].append(float(sums["loss_sum"] / sums["weight"]))
     np.testing.assert_allclose(losses[1], losses[8], rtol=1e-5)
     assert losses[1][2] != losses[1][0]
+
+
+def test_learning_rate_schedules():
+    rsqrt = schedule(1e-3, warmup=10)
+    cosine = schedule(1e-3, warmup=10, decay="cosine", steps=110)
+    for lr in (rsqrt, cosine):
+        assert float(lr(0)) == 0.0
+        assert float(lr(5)) == pytest.approx(5e-4)
+        assert float(lr(10)) == pytest.approx(1e-3, rel=1e-3)
+    assert float(rsqrt(40)) == pytest.approx(5e-4, rel=1e-3)
+    assert float(cosine(60)) == pytest.approx(5e-4, rel=1e-4)
+    assert float(cosine(110)) == pytest.approx(0.0, abs=1e-9)
+    assert float(cosine(200)) == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError, match="number of steps"):
+        schedule(1e-3, warmup=10, decay="cosine")
+
+
+def test_epochs_set_the_steps_and_cap_the_warm_up(tmp_path):
+    cfg = tiny(tmp_path, epochs=2.5, seq_len=10, warmup_steps=50)
+    resolved = resolve_steps(cfg, interactions=1000, global_batch=4)  # a pass is 1000 / 40 = 25 steps
+    assert (resolved.steps, resolved.warmup_steps) == (63, 6)
+    assert resolve_steps(tiny(tmp_path), 1000, 4) == tiny(tmp_path)
+    short = resolve_steps(tiny(tmp_path, lr_decay="cosine", steps=40, warmup_steps=100), 1000, 4)
+    assert (short.steps, short.warmup_steps) == (40, 4)  # the cosine decay keeps 90% of the run
+    long = tiny(tmp_path, lr_decay="cosine", steps=400, warmup_steps=100)
+    assert resolve_steps(long, 1000, 4) == long
+    with pytest.raises(ValueError, match="--epochs"):
+        check_flags(tiny(tmp_path, epochs=0.0), 1)

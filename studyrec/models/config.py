@@ -36,6 +36,8 @@ class ModelConfig:
     """A learned per-head attention bias on log(1 + days between query and key), so attention can prefer recent reads."""
     copy_head: bool = False
     """Mix the output softmax with a pointer over the titles in view (``CopyHead``)."""
+    gap_embedding: bool = False
+    """Add a learned embedding of the time since the student's previous read (``gap_buckets``) to each input."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Compute dtype; parameters stay float32."""
 

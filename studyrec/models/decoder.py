@@ -29,10 +29,26 @@ def _xavier(key: PRNGKeyArray, fan_in: int, fan_out: int) -> Float[Array, "i o"]
     return jax.random.uniform(key, (fan_in, fan_out), minval=-limit, maxval=limit)
 
 
-def recency_gap(timestamps: Int[Array, " seq"]) -> Float[Array, "seq seq"]:
-    """``log(1 + days)`` from each key's interaction to each query's (0 for keys not earlier)."""
-    seconds = (timestamps[:, None] - timestamps[None, :]).astype(jnp.float32)
+def recency_gap(timestamps: Int[Array, " seq"], key_times: Int[Array, " seq"] | None = None) -> Float[Array, "seq seq"]:
+    """``log(1 + days)`` from each key's time (default: its interaction) to each query's (0 for keys not earlier)."""
+    key_times = timestamps if key_times is None else key_times
+    seconds = (timestamps[:, None] - key_times[None, :]).astype(jnp.float32)
     return jnp.log1p(jnp.maximum(seconds, 0.0) / 86400.0)
+
+
+GAP_BUCKETS = 32
+
+
+def gap_buckets(timestamps: Int[Array, " seq"], segments: Int[Array, " seq"]) -> Int[Array, " seq"]:
+    """Time since the same student's previous position, in half-octaves of hours (0: a student's first position).
+
+    Bucket ``1 + floor(2 log2(1 + hours))``, capped at ``GAP_BUCKETS - 1`` (about 13 months).
+    """
+    hours = (timestamps[1:] - timestamps[:-1]).astype(jnp.float32) / 3600.0
+    bucket = 1 + jnp.floor(2 * jnp.log2(1 + jnp.maximum(hours, 0.0))).astype(jnp.int32)
+    bucket = jnp.minimum(bucket, GAP_BUCKETS - 1)
+    same_student = (segments[1:] == segments[:-1]) & (segments[1:] > 0)
+    return jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.where(same_student, bucket, 0)])
 
 
 class LayerNorm(eqx.Module):
@@ -199,6 +215,7 @@ class Decoder(eqx.Module):
     out_kernel: Float[Array, "d vocab"] | None
     out_bias: Float[Array, " vocab"]
     grade_bias: Float[Array, "grades vocab"] | None
+    gap_embedding: Float[Array, "buckets d"] | None
     copy: CopyHead | None
     embed_dropout: eqx.nn.Dropout
     config: ModelConfig = eqx.field(static=True)
@@ -216,18 +233,28 @@ class Decoder(eqx.Module):
         self.grade_bias = (
             None if config.num_grade_levels is None else 0.01 * jax.random.normal(kg, (config.num_grade_levels + 1, V))
         )
+        self.gap_embedding = jnp.zeros((GAP_BUCKETS, d)) if config.gap_embedding else None
         self.copy = CopyHead(d, key=jax.random.fold_in(key, 1)) if config.copy_head else None
         self.embed_dropout = eqx.nn.Dropout(config.dropout)
         self.config = config
 
     def embed(
-        self, tokens: Int[Array, " seq"], positions: Int[Array, " seq"], *, key: PRNGKeyArray | None = None
+        self,
+        tokens: Int[Array, " seq"],
+        positions: Int[Array, " seq"],
+        gaps: Int[Array, " seq"] | None = None,
+        *,
+        key: PRNGKeyArray | None = None,
     ) -> Float[Array, "seq d"]:
-        """Title embeddings plus sinusoidal positions, after dropout, in the compute dtype."""
+        """Title embeddings plus sinusoidal positions (plus the ``gap_buckets`` embedding), after dropout, in the compute dtype."""
         x = self.embedding[tokens]
         if self.config.tie_embeddings:
             x = x * math.sqrt(self.config.d_model)
         x = x + jnp.asarray(sinusoidal_table(self.config.max_len, self.config.d_model))[positions]
+        if self.gap_embedding is not None:
+            if gaps is None:
+                raise ValueError("this model embeds the time since each student's previous read: pass gaps")
+            x = x + self.gap_embedding[gaps]
         return self.embed_dropout(x, key=key).astype(self.config.dtype)
 
     def transform(
@@ -269,6 +296,7 @@ class Decoder(eqx.Module):
         mask: Bool[Array, "seq seq"],
         *,
         timestamps: Int[Array, " seq"] | None = None,
+        gaps: Int[Array, " seq"] | None = None,
         key: PRNGKeyArray | None = None,
         layers: int | None = None,
     ) -> Float[Array, "seq d"]:
@@ -276,7 +304,7 @@ class Decoder(eqx.Module):
         ke, kb = (None, None) if key is None else jax.random.split(key)
         mask, extra = self.attention_inputs(mask, timestamps)
         block_fn = lambda block, x, k: block(x, mask, key=k, **extra)  # noqa: E731
-        return self.transform(self.embed(inputs, positions, key=ke), block_fn, key=kb, layers=layers)
+        return self.transform(self.embed(inputs, positions, gaps, key=ke), block_fn, key=kb, layers=layers)
 
     def readout(self, h: Float[Array, "*rows d"], grade_level: Int[Array, ""]) -> Float[Array, "*rows vocab"]:
         """Float32 logits from hidden states: final LayerNorm, output layer and the grade bias."""
@@ -310,8 +338,8 @@ class DecoderModel(eqx.Module):
         """States before the readout: position p's state predicts ``sample.titles[p]``."""
         raise NotImplementedError
 
-    def copy_sources(self, sample) -> tuple[Int[Array, " seq"], Bool[Array, "seq seq"]]:
-        """For the copy head: the title each position carries, and which positions each query may copy from."""
+    def copy_sources(self, sample) -> tuple[Int[Array, " seq"], Int[Array, " seq"], Bool[Array, "seq seq"]]:
+        """For the copy head: the title each position carries, when it was read, and which positions each query may copy from."""
         raise NotImplementedError(f"{type(self).__name__} has no copy head")
 
     def logits_at(
@@ -323,8 +351,8 @@ class DecoderModel(eqx.Module):
         if head is None:
             return self.decoder.readout(hidden if rows is None else hidden[rows], sample.grade_level)
         keys = self.decoder.final_ln(hidden)  # normalised once: the copy head's keys, and its queries at rows
-        carried, mask = self.copy_sources(sample)
-        gap = recency_gap(sample.timestamps)
+        carried, read_at, mask = self.copy_sources(sample)
+        gap = recency_gap(sample.timestamps, read_at)  # the age of each carried read at each query
         queries = keys
         if rows is not None:
             queries, mask, gap = keys[rows], mask[rows], gap[rows]

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from studyrec.data.packing import Sample
-from studyrec.models.decoder import Attention, Block, DecoderModel, recency_gap
+from studyrec.models.decoder import Attention, Block, DecoderModel, gap_buckets, recency_gap
 from studyrec.models.masks import own_past, strictly_earlier
 
 
@@ -125,16 +125,18 @@ class StudyLagFree(DecoderModel):
     def mask(self, sample: Sample) -> Bool[Array, "2*seq seq"]:
         return two_stream_mask(sample.segments, sample.timestamps)
 
-    def copy_sources(self, sample: Sample) -> tuple[Int[Array, " seq"], Bool[Array, "seq seq"]]:
-        """Each position carries its own title; a query may copy exactly what its query stream reads."""
-        return sample.titles, query_mask(sample.segments, sample.timestamps)
+    def copy_sources(self, sample: Sample) -> tuple[Int[Array, " seq"], Int[Array, " seq"], Bool[Array, "seq seq"]]:
+        """Each position carries its own title, read at its own time; a query may copy exactly what its query stream reads."""
+        return sample.titles, sample.timestamps, query_mask(sample.segments, sample.timestamps)
 
     def hidden(self, sample: Sample, *, key: PRNGKeyArray | None = None, layers: int | None = None) -> Float[Array, "seq d"]:
         """The query stream's states (the content stream only feeds it)."""
         decoder, n = self.decoder, sample.titles.shape[0]
         ke, kb = (None, None) if key is None else jax.random.split(key)
         tokens = jnp.concatenate([sample.titles, jnp.zeros_like(sample.titles)])
-        x = decoder.embed(tokens, jnp.concatenate([sample.positions, sample.positions]), key=ke)
+        gaps = gap_buckets(sample.timestamps, sample.segments) if self.config.gap_embedding else None
+        twice = lambda a: None if a is None else jnp.concatenate([a, a])  # noqa: E731
+        x = decoder.embed(tokens, twice(sample.positions), twice(gaps), key=ke)
         mask = self.mask(sample)
         # Both streams' rows at q share q's time, so the recency bias repeats for the query stream.
         log_gap = jnp.tile(recency_gap(sample.timestamps), (2, 1)) if self.config.recency_bias else None

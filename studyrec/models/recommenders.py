@@ -8,17 +8,17 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from studyrec.data.packing import Sample
 from studyrec.models.config import ModelConfig
-from studyrec.models.decoder import DecoderModel
+from studyrec.models.decoder import DecoderModel, gap_buckets
 from studyrec.models.lagfree import StudyLagFree
 from studyrec.models.masks import individual_mask, study_mask
 
 
-def shift_within_students(titles: Int[Array, " seq"], segments: Int[Array, " seq"]) -> Int[Array, " seq"]:
-    """Position p embeds the title at p-1 of the same student; each student starts from 0 (BOS).
+def shift_within_students(values: Int[Array, " seq"], segments: Int[Array, " seq"]) -> Int[Array, " seq"]:
+    """Position p gets the value at p-1 of the same student; each student starts from 0 (BOS).
 
     So the logits at p predict ``titles[p]`` without seeing it.
     """
-    previous = jnp.concatenate([jnp.zeros(1, titles.dtype), titles[:-1]])
+    previous = jnp.concatenate([jnp.zeros(1, values.dtype), values[:-1]])
     same_student = jnp.concatenate([jnp.zeros(1, bool), segments[1:] == segments[:-1]])
     return jnp.where(same_student & (segments > 0), previous, 0)
 
@@ -29,14 +29,16 @@ class Individual(DecoderModel):
     def mask(self, sample: Sample) -> Bool[Array, "seq seq"]:
         return individual_mask(sample.segments)
 
-    def copy_sources(self, sample: Sample) -> tuple[Int[Array, " seq"], Bool[Array, "seq seq"]]:
-        """Key k carries the title before it (the input shift); a query may copy what its mask sees."""
-        return shift_within_students(sample.titles, sample.segments), self.mask(sample)
+    def copy_sources(self, sample: Sample) -> tuple[Int[Array, " seq"], Int[Array, " seq"], Bool[Array, "seq seq"]]:
+        """Key k carries the title before it (the input shift), read at that one's time; a query may copy what its mask sees."""
+        shift = lambda values: shift_within_students(values, sample.segments)  # noqa: E731
+        return shift(sample.titles), shift(sample.timestamps), self.mask(sample)
 
     def hidden(self, sample: Sample, *, key: PRNGKeyArray | None = None, layers: int | None = None) -> Float[Array, "seq d"]:
         inputs = shift_within_students(sample.titles, sample.segments)
+        gaps = gap_buckets(sample.timestamps, sample.segments) if self.config.gap_embedding else None
         return self.decoder.hidden(
-            inputs, sample.positions, self.mask(sample), timestamps=sample.timestamps, key=key, layers=layers
+            inputs, sample.positions, self.mask(sample), timestamps=sample.timestamps, gaps=gaps, key=key, layers=layers
         )
 
 

@@ -32,6 +32,8 @@ class ArchConfig:
     """Learned per-head attention bias on log(1 + days between query and key)."""
     copy_head: bool = True
     """Mix the output with a pointer over the titles in view (copying a classmate's or one's own read generalises; the reference has none)."""
+    gap_embedding: bool = True
+    """Embed the time since the student's previous read into each input (how stale their last title is; the reference has none)."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Compute dtype: auto is bfloat16 on GPU/TPU and float32 on CPU."""
 
@@ -51,6 +53,7 @@ class ArchConfig:
             tie_embeddings=self.tie_embeddings,
             recency_bias=self.recency_bias,
             copy_head=self.copy_head,
+            gap_embedding=self.gap_embedding,
             dtype=dtype,
         )
 
@@ -107,6 +110,8 @@ class TrainConfig:
     """Run directory; rerunning with the same one resumes from its last checkpoint."""
     steps: int = 400
     """Training steps."""
+    epochs: float | None = None
+    """Passes over the training interactions instead of --steps: a pass is interactions / (global batch x seq_len) steps, and --warmup-steps is capped at a tenth of the run."""
     seq_len: int = 65
     """Tokens per packed classroom row."""
     student_chunk_size: int | None = None
@@ -118,7 +123,9 @@ class TrainConfig:
     scale_lr: bool = True
     """Scale learning_rate by global_batch/2048, the reference README's rule."""
     warmup_steps: int = 1000
-    """Linear warm-up steps, then inverse square-root decay."""
+    """Linear warm-up steps, then the lr_decay."""
+    lr_decay: Literal["cosine", "rsqrt"] = "cosine"
+    """After warm-up: a cosine to 0 at the last step, or the reference's inverse square root (no end)."""
     weight_decay: float = 0.1
     """AdamW weight decay."""
     decay_all_params: bool = False
@@ -198,6 +205,7 @@ PRESETS: dict[str, TrainConfig] = {
         per_device_batch_size=2048,
         steps=224_000,
         learning_rate=0.0016,
+        lr_decay="rsqrt",
         scale_lr=True,
         warmup_steps=1000,
         grad_clip=None,

@@ -46,6 +46,8 @@ def check_flags(cfg: TrainConfig, n_devices: int) -> None:
     for flag in positive:
         if getattr(cfg, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} {getattr(cfg, flag)} must be at least 1")
+    if cfg.epochs is not None and not cfg.epochs > 0:
+        raise ValueError(f"--epochs {cfg.epochs} must be positive")
     if cfg.vocab_size < 0:
         raise ValueError(f"--vocab-size {cfg.vocab_size} is negative; give a title count, or 0 to keep every title")
     if cfg.fsdp < 1 or n_devices % cfg.fsdp:
@@ -56,6 +58,17 @@ def check_flags(cfg: TrainConfig, n_devices: int) -> None:
             f"--student-chunk-size {cfg.chunk_size} is larger than --seq-len {cfg.seq_len}; "
             f"make it at most {cfg.seq_len} or raise --seq-len"
         )
+
+
+def resolve_steps(cfg: TrainConfig, interactions: int, global_batch: int) -> TrainConfig:
+    """``cfg`` with ``steps`` set from ``epochs`` (when given), and a warm-up cut to a tenth of the
+    run when ``epochs`` set the steps or a cosine decay would otherwise have no room."""
+    steps, warmup = cfg.steps, cfg.warmup_steps
+    if cfg.epochs is not None:
+        steps = max(2, math.ceil(cfg.epochs * interactions / (global_batch * cfg.seq_len)))
+    if cfg.epochs is not None or (cfg.lr_decay == "cosine" and warmup >= steps):
+        warmup = min(warmup, max(1, steps // 10))
+    return dataclasses.replace(cfg, steps=steps, warmup_steps=warmup)
 
 
 def check_run_dir(path: Path) -> None:
@@ -160,6 +173,10 @@ def _train(cfg: TrainConfig) -> Path:
     origin = dataset.time_origin(frames.train)
     train_data = dataset.encode(frames.train, vocab, frames, cfg.classroom_grouping)
     logger.info(dataset.describe("train", train_data))
+    given, cfg = cfg, resolve_steps(cfg, train_data.num_interactions, global_batch)
+    if (cfg.steps, cfg.warmup_steps) != (given.steps, given.warmup_steps):
+        logger.info("training for %d steps with %d of warm-up (%s)", cfg.steps, cfg.warmup_steps,
+                    f"{cfg.epochs:g} epochs" if cfg.epochs is not None else "the warm-up is cut to leave room for the cosine decay")
     train_packer = _packer(train_data, cfg, vocab, origin)
     valid_packer = None
     if frames.valid is not None:
@@ -177,6 +194,8 @@ def _train(cfg: TrainConfig) -> Path:
         weight_decay=cfg.weight_decay,
         grad_clip=cfg.grad_clip,
         decay_all=cfg.decay_all_params,
+        lr_decay=cfg.lr_decay,
+        steps=cfg.steps,
     )
     model = shard_params(model, mesh)
     opt_state = shard_params(optimizer.init(eqx.filter(model, eqx.is_inexact_array)), mesh)
@@ -224,7 +243,7 @@ def _train(cfg: TrainConfig) -> Path:
         return results
 
     step_fn = make_train_step(optimizer, vocab.oov)
-    learning_rate = schedule(peak_lr, cfg.warmup_steps)
+    learning_rate = schedule(peak_lr, cfg.warmup_steps, cfg.lr_decay, cfg.steps)
     dropout_key = jax.random.key(cfg.seed + 2)
     tokens_per_step = global_batch * cfg.seq_len
     bar = tqdm(total=cfg.steps, initial=start, disable=not is_main, desc=f"train {cfg.model}", dynamic_ncols=True)

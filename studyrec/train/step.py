@@ -12,13 +12,25 @@ from studyrec.data.packing import Sample
 from studyrec.models import Individual
 
 
-def schedule(peak: float, warmup: int) -> optax.Schedule:
-    """Linear warm-up to ``peak``, then ``peak * sqrt(warmup / step)`` (the reference's rsqrt decay)."""
+def schedule(peak: float, warmup: int, decay: str = "rsqrt", steps: int | None = None) -> optax.Schedule:
+    """Linear warm-up to ``peak``, then a decay.
+
+    ``rsqrt``: ``peak * sqrt(warmup / step)``, the reference's, with no end. ``cosine``: half a cosine
+    from ``peak`` at ``warmup`` to 0 at ``steps``, so a short run ends annealed.
+    """
     warmup = max(warmup, 1)
+    if decay == "cosine" and steps is None:
+        raise ValueError("the cosine decay needs the number of steps")
+    if decay not in ("rsqrt", "cosine"):
+        raise ValueError(f"unknown learning-rate decay {decay!r}: use rsqrt or cosine")
 
     def lr(step):
         step = jnp.asarray(step, jnp.float32)
-        return peak * jnp.where(step < warmup, step / warmup, jnp.sqrt(warmup / (step + 0.01)))
+        if decay == "rsqrt":
+            after = jnp.sqrt(warmup / (step + 0.01))
+        else:
+            after = 0.5 * (1 + jnp.cos(jnp.pi * jnp.clip((step - warmup) / max(steps - warmup, 1), 0.0, 1.0)))
+        return peak * jnp.where(step < warmup, step / warmup, after)
 
     return lr
 
@@ -33,11 +45,19 @@ def decay_mask(model: Individual):
 
 
 def make_optimizer(
-    model: Individual, *, peak_lr: float, warmup: int, weight_decay: float, grad_clip: float | None, decay_all: bool
+    model: Individual,
+    *,
+    peak_lr: float,
+    warmup: int,
+    weight_decay: float,
+    grad_clip: float | None,
+    decay_all: bool,
+    lr_decay: str = "rsqrt",
+    steps: int | None = None,
 ) -> optax.GradientTransformation:
     """AdamW (b1 0.9, b2 0.98, eps 1e-9) as the reference, with optional clipping and a decay mask."""
     mask = None if decay_all else decay_mask(model)
-    adamw = optax.adamw(schedule(peak_lr, warmup), b1=0.9, b2=0.98, eps=1e-9, weight_decay=weight_decay, mask=mask)
+    adamw = optax.adamw(schedule(peak_lr, warmup, lr_decay, steps), b1=0.9, b2=0.98, eps=1e-9, weight_decay=weight_decay, mask=mask)
     return optax.chain(optax.clip_by_global_norm(grad_clip), adamw) if grad_clip else adamw
 
 
