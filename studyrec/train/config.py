@@ -123,7 +123,7 @@ class TrainConfig:
     scale_lr: bool = True
     """Scale learning_rate by global_batch/2048, the reference README's rule."""
     warmup_steps: int = 1000
-    """Linear warm-up steps, then the lr_decay."""
+    """Linear warm-up steps, then --lr-decay."""
     lr_decay: Literal["cosine", "rsqrt"] = "cosine"
     """After warm-up: a cosine to 0 at the last step, or the reference's inverse square root (no end)."""
     weight_decay: float = 0.1
