@@ -37,8 +37,8 @@ class QualityConfig:
         "popularity", "popularity_by_grade", "knn", "classmates_recent", "classmates_recent_lagged", "own_last",
     )
     """Heuristics scored through the same metric code."""
-    epochs: tuple[tuple[str, float], ...] = (("individual", 6.0), ("study", 6.0), ("study-lagfree", 4.0))
-    """Passes over each dataset's training interactions, per model (6 is about 1,200 cpu-small steps on 15k students; lag-free steps cost about twice as much); the best checkpoint by validation accuracy is kept."""
+    epochs: float = 6.0
+    """Passes over each dataset's training interactions per model (about 1,200 cpu-small steps on 15k students); the best checkpoint by validation accuracy is kept."""
     chunk_sizes: tuple[tuple[str, int], ...] = (("individual", 16), ("study", 8), ("study-lagfree", 4))
     """Chunk length per model: smaller chunks put more classmates in a 65-token row."""
     eval_every: int = 100
@@ -103,10 +103,9 @@ def row(dataset: str, name: str, run_dir: Path, seconds: float) -> dict:
 
 
 def main(cfg: QualityConfig) -> pd.DataFrame:
-    for flag, table in (("--epochs", cfg.epochs), ("--chunk-sizes", cfg.chunk_sizes)):
-        missing = [m for m in cfg.models if m not in dict(table)]
-        if missing:
-            raise SystemExit(f"{flag} has no entry for {', '.join(missing)} (give MODEL VALUE pairs)")
+    missing = [m for m in cfg.models if m not in dict(cfg.chunk_sizes)]
+    if missing:
+        raise SystemExit(f"--chunk-sizes has no entry for {', '.join(missing)} (give MODEL SIZE pairs)")
     root = Path(cfg.out)
     rows = []
     for dataset, path in data_sets(cfg, root / "data").items():
@@ -121,7 +120,7 @@ def main(cfg: QualityConfig) -> pd.DataFrame:
             run_dir = root / dataset / model
             seconds = run([
                 sys.executable, "-m", "experiments.train", "--preset", "cpu-small", "--model", model,
-                "--output-dir", str(run_dir), "--epochs", str(dict(cfg.epochs)[model]), "--seed", str(cfg.seed),
+                "--output-dir", str(run_dir), "--epochs", str(cfg.epochs), "--seed", str(cfg.seed),
                 "--student-chunk-size", str(dict(cfg.chunk_sizes)[model]), "--wandb.mode", "disabled",
                 "--eval-every", str(cfg.eval_every), *data_flags(path), *cfg.train_flags,
             ])
@@ -130,7 +129,7 @@ def main(cfg: QualityConfig) -> pd.DataFrame:
     markdown = table.to_markdown(index=False) if _has_tabulate() else table.to_string(index=False)
     print(markdown)
     write_text_atomic(root / "quality.md", markdown + "\n")
-    print(json.dumps({"benchmark": "quality", "epochs": dict(cfg.epochs), "preset": "cpu-small", "rows": rows}))
+    print(json.dumps({"benchmark": "quality", "epochs": cfg.epochs, "preset": "cpu-small", "rows": rows}))
     return table
 
 
