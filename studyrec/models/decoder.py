@@ -338,6 +338,10 @@ class DecoderModel(eqx.Module):
         """States before the readout: position p's state predicts ``sample.titles[p]``."""
         raise NotImplementedError
 
+    def input_gaps(self, sample) -> Int[Array, " seq"] | None:
+        """``gap_buckets`` of the row when the decoder embeds them (``Decoder.embed``'s ``gaps``), else None."""
+        return gap_buckets(sample.timestamps, sample.segments) if self.decoder.gap_embedding is not None else None
+
     def copy_sources(self, sample) -> tuple[Int[Array, " seq"], Int[Array, " seq"], Bool[Array, "seq seq"]]:
         """For the copy head: the title each position carries, when it was read, and which positions each query may copy from."""
         raise NotImplementedError(f"{type(self).__name__} has no copy head")

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from studyrec.data.packing import Sample
-from studyrec.models.decoder import Attention, Block, DecoderModel, gap_buckets, recency_gap
+from studyrec.models.decoder import Attention, Block, DecoderModel, recency_gap
 from studyrec.models.masks import own_past, strictly_earlier
 
 
@@ -134,9 +134,8 @@ class StudyLagFree(DecoderModel):
         decoder, n = self.decoder, sample.titles.shape[0]
         ke, kb = (None, None) if key is None else jax.random.split(key)
         tokens = jnp.concatenate([sample.titles, jnp.zeros_like(sample.titles)])
-        gaps = gap_buckets(sample.timestamps, sample.segments) if self.config.gap_embedding else None
         twice = lambda a: None if a is None else jnp.concatenate([a, a])  # noqa: E731
-        x = decoder.embed(tokens, twice(sample.positions), twice(gaps), key=ke)
+        x = decoder.embed(tokens, twice(sample.positions), twice(self.input_gaps(sample)), key=ke)
         mask = self.mask(sample)
         # Both streams' rows at q share q's time, so the recency bias repeats for the query stream.
         log_gap = jnp.tile(recency_gap(sample.timestamps), (2, 1)) if self.config.recency_bias else None

@@ -8,7 +8,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from studyrec.data.packing import Sample
 from studyrec.models.config import ModelConfig
-from studyrec.models.decoder import DecoderModel, gap_buckets
+from studyrec.models.decoder import DecoderModel
 from studyrec.models.lagfree import StudyLagFree
 from studyrec.models.masks import individual_mask, study_mask
 
@@ -36,9 +36,14 @@ class Individual(DecoderModel):
 
     def hidden(self, sample: Sample, *, key: PRNGKeyArray | None = None, layers: int | None = None) -> Float[Array, "seq d"]:
         inputs = shift_within_students(sample.titles, sample.segments)
-        gaps = gap_buckets(sample.timestamps, sample.segments) if self.config.gap_embedding else None
         return self.decoder.hidden(
-            inputs, sample.positions, self.mask(sample), timestamps=sample.timestamps, gaps=gaps, key=key, layers=layers
+            inputs,
+            sample.positions,
+            self.mask(sample),
+            timestamps=sample.timestamps,
+            gaps=self.input_gaps(sample),
+            key=key,
+            layers=layers,
         )
 
 
