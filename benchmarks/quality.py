@@ -20,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 import tyro
 
+from experiments.cli import EXIT_BAD_INPUT
 from studyrec.data.atomic import write_text_atomic
 
 
@@ -105,7 +106,8 @@ def row(dataset: str, name: str, run_dir: Path, seconds: float) -> dict:
 def main(cfg: QualityConfig) -> pd.DataFrame:
     missing = [m for m in cfg.models if m not in dict(cfg.chunk_sizes)]
     if missing:
-        raise SystemExit(f"--chunk-sizes has no entry for {', '.join(missing)} (give MODEL SIZE pairs)")
+        print(f"error: --chunk-sizes has no entry for {', '.join(missing)} (give MODEL SIZE pairs)", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
     root = Path(cfg.out)
     rows = []
     for dataset, path in data_sets(cfg, root / "data").items():
