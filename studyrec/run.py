@@ -305,11 +305,13 @@ class _Layout:
 
 
 def _layout(
-    history: _History, query: np.ndarray, seq_len: int, chunk: int, classmates: bool, carriers: bool
+    history: _History, query: np.ndarray, seq_len: int, chunk: int, classmates: bool, carriers: bool, mate_chunk: int
 ) -> _Layout:
     """Which classmates share each query's row: the most recently active first, while they fit.
 
-    The first classmate that does not fit is cut to its latest interactions when at least one fits.
+    The query slot and the student's latest interactions take ``chunk`` tokens, each classmate's
+    latest interactions (and carrier) at most ``mate_chunk``. The first classmate that does not fit
+    is cut to its latest interactions when at least one fits.
     """
     own = np.minimum(history.count[query], chunk - 1)
     extra = 1 if carriers else 0
@@ -331,7 +333,7 @@ def _layout(
     keep = np.argsort(cand < 0, axis=1, kind="stable")[:, :width]  # drop self, keep order
     cand = np.take_along_axis(cand, keep, 1)
     valid = cand >= 0
-    full = np.where(valid, np.minimum(history.count[np.maximum(cand, 0)], chunk - 1), 0)
+    full = np.where(valid, np.minimum(history.count[np.maximum(cand, 0)], mate_chunk - extra), 0)
     need = np.where(valid, 1 + full + extra, 0)
     space = seq_len - (own + 1)
     used = np.cumsum(need, axis=1)
@@ -685,7 +687,8 @@ class Run:
         chunk = min(self.config.chunk_size, self.config.seq_len)
         seq_len = self.config.seq_len if self.reads_classmates else chunk
         carriers = isinstance(self.model, Study)  # Study's keys carry the previous title
-        layout = _layout(history, query, seq_len, chunk, self.reads_classmates, carriers)
+        mate_chunk = min(self.config.classmate_chunk_size or chunk, seq_len)
+        layout = _layout(history, query, seq_len, chunk, self.reads_classmates, carriers, mate_chunk)
         return history, layout, as_of_s, attrs
 
     def _history(self, frame: pd.DataFrame, info, schools, as_of, wanted) -> tuple[_History, int, dict]:

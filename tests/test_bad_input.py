@@ -118,6 +118,8 @@ def test_bad_file_gives_one_error_line_and_writes_nothing(tmp_path, capsys, file
 BAD_FLAGS = [
     pytest.param(["--student-chunk-size", "80", "--seq-len", "65"],
                  ["--student-chunk-size 80", "--seq-len 65", "at most 65"], id="chunk-over-seq-len"),
+    pytest.param(["--student-chunk-size", "16", "--classmate-chunk-size", "60"],
+                 ["--classmate-chunk-size 60", "between 1 and", "= 48"], id="classmate-chunk-leaves-no-room"),
     pytest.param(["--fsdp", "3"], ["--fsdp 3", "8 devices", "[1, 2, 4, 8]"], id="fsdp-not-dividing-devices"),
     pytest.param(["--steps", "0"], ["--steps 0", "at least 1"], id="zero-steps"),
     pytest.param(["--log-every", "0"], ["--log-every 0", "at least 1"], id="zero-log-every"),

@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -58,7 +60,7 @@ def fixture_packer(seq_len=10) -> ClassroomPacker:
 
 def test_composition_matches_the_reference_layout():
     packer = fixture_packer()
-    where = Placements(row=np.array([0, 0, 0]), col=np.array([0, 4, 7]), slot=np.array([1, 2, 3]), chunk=np.array([2, 4, 10]))
+    where = Placements.of_chunks(packer.chunks, row=[0, 0, 0], col=[0, 4, 7], slot=[1, 2, 3], chunk=[2, 4, 10])
     sample, source = packer.compose(1, where)
     np.testing.assert_array_equal(sample.titles[0], [2, 2, 2, SEP, 4, 4, SEP, 10, 10, 0])
     np.testing.assert_array_equal(sample.timestamps[0], [2, 2, 2, 0, 4, 4, 0, 10, 10, 0])
@@ -121,7 +123,8 @@ def test_eval_layout_covers_every_interaction_once_in_order():
     covered = np.sort(source[source >= 0])
     np.testing.assert_array_equal(covered, np.arange(LENGTHS.sum()))
     # A student's chunks come out earliest first.
-    row_of_chunk = dict(zip(layout.placements.chunk.tolist(), layout.placements.row.tolist()))
+    chunk = np.searchsorted(packer.chunks.start, layout.placements.start)
+    row_of_chunk = dict(zip(chunk.tolist(), layout.placements.row.tolist()))
     for s in range(7):
         mine = [row_of_chunk[c] for c in np.flatnonzero(OWNERS - 1 == s)]
         assert mine == sorted(mine) and len(set(mine)) == len(mine)
@@ -212,3 +215,67 @@ def test_pack_histories_composes_one_row():
     assert sample.timestamps.tolist()[:2] == [1609459200, 1609545600]
     with pytest.raises(ValueError, match="seq_len"):
         pack_histories([(1, ["a"] * 9, list(range(9)))], vocab, seq_len=8)
+
+
+def focus_packer(seq_len: int, context: int = 2) -> ClassroomPacker:
+    """The fixture with coarser clocks, so classmates read at the same time as the student."""
+    base = fixture_packer()
+    data = dataclasses.replace(base.data, timestamps=base.data.timestamps // 3)
+    return ClassroomPacker(data, base.chunks, seq_len, SEP, time_origin=0, context_size=context)
+
+
+def check_focus_rows(packer: ClassroomPacker, where: Placements, everyone_fits: bool) -> None:
+    data, ch = packer.data, packer.chunks
+    student_of = np.repeat(np.arange(data.num_students), np.diff(data.offsets))
+    for r in np.unique(where.row):
+        p = where.take(where.row == r)
+        p = p.take(np.argsort(p.slot))
+        np.testing.assert_array_equal(p.slot, np.arange(1, len(p.slot) + 1))
+        chunk = np.searchsorted(ch.start, p.start[0])
+        assert ch.start[chunk] == p.start[0] and ch.length[chunk] == p.length[0], "slot 1 is a whole chunk"
+        assert p.scored[0] or not p.scored.any()
+        moment = data.timestamps[p.start[0] + p.length[0] - 1]
+        assert len(set(p.student.tolist())) == len(p.student), "a student appears twice in a row"
+        assert (data.classroom[p.student] == data.classroom[p.student[0]]).all(), "a row mixes classrooms"
+        assert p.length.sum() + len(p.row) - 1 <= packer.seq_len
+        latest = []
+        for s, start, n in zip(p.student[1:], p.start[1:], p.length[1:]):
+            end = start + n
+            assert 1 <= n <= packer.context_size and (student_of[start:end] == s).all()
+            assert data.timestamps[end - 1] < moment, "a classmate's read at or after the student's last"
+            assert end == data.offsets[s + 1] or data.timestamps[end] >= moment, "not the latest reads before it"
+            latest.append(int(data.timestamps[end - 1]))
+        assert latest == sorted(latest, reverse=True), "classmates are not the most recent first"
+        if everyone_fits:
+            mates = np.flatnonzero((data.classroom == data.classroom[p.student[0]]) & (np.arange(data.num_students) != p.student[0]))
+            active = [s for s in mates if data.timestamps[data.offsets[s]] < moment]
+            assert sorted(p.student[1:].tolist()) == sorted(active)
+
+
+@pytest.mark.parametrize("seq_len", [10, 40])
+def test_focus_rows_hold_one_chunk_and_each_classmates_latest_reads_before_it(seq_len):
+    packer = focus_packer(seq_len)
+    where = packer.random_placements(3, np.arange(60))
+    assert len(np.unique(where.row)) == 60
+    check_focus_rows(packer, where, everyone_fits=seq_len == 40)
+    sample, _ = packer.compose(60, where)
+    assert (sample.segments[:, 0] == 1).all()
+
+
+def test_focus_eval_layout_scores_each_chunk_once_in_its_own_row():
+    packer = focus_packer(12)
+    layout = packer.eval_layout()
+    assert layout.num_rows == len(LENGTHS)
+    check_focus_rows(packer, layout.placements, everyone_fits=False)
+    sample, source = layout.batch(0, layout.num_rows)
+    np.testing.assert_array_equal(np.sort(source[source >= 0]), np.arange(LENGTHS.sum()))
+    np.testing.assert_array_equal(chunk_of(packer, source[:, 0]), np.arange(len(LENGTHS)))
+    assert (source[sample.segments > 1] == -1).all(), "classmates' reads are context, never scored"
+    some = packer.eval_layout(np.isin(np.arange(len(LENGTHS)), [3, 8]))
+    _, source = some.batch(0, some.num_rows)
+    np.testing.assert_array_equal(chunk_of(packer, source[:, 0]), [3, 8])
+
+
+def test_focus_rows_need_room_for_a_classmate():
+    with pytest.raises(ValueError, match="classmate chunk size 6 leaves no room"):
+        focus_packer(10, context=6)

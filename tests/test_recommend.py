@@ -97,6 +97,28 @@ def test_classmates_are_visible_to_the_query(run):
         assert sample.titles[query[r]] == 0 and sample.timestamps[query[r]] == as_seconds("2023-03-10") - run.time_origin
 
 
+def test_focus_runs_give_classmates_their_latest_reads_only(run):
+    """With classmate_chunk_size, a classmate brings its latest reads and carrier in that many slots."""
+    focus = dataclasses.replace(run, config=dataclasses.replace(run.config, classmate_chunk_size=3))
+    titles = [run.vocab.decode(i) for i in range(1, 13)]
+    activity = pd.concat(
+        [_rows(1, titles[:4], [0, 1, 2, 3]), _rows(2, titles[4:8], [1, 2, 3, 4]), _rows(3, titles[8:], [0, 2, 4, 5])],
+        ignore_index=True,
+    )
+    info = pd.DataFrame({"StudentID": [1, 2, 3], "OrgnID": [7, 7, 7], "GRADE_LVL_NBR": pd.array([3, 3, 3], "Int64")})
+    _, rows, query = focus.query_rows(activity, info, as_of="2023-03-10")
+    for r in range(3):
+        segments, row_titles = rows.segments[r], rows.titles[r]
+        assert (segments == 1).sum() == min(4, run.config.chunk_size - 1) + 1  # own reads and the query slot
+        for slot in (2, 3):
+            mine = row_titles[segments == slot]
+            assert len(mine) == 3 and mine[-1] == 0  # two latest reads, then the carrier
+        mates = [s for s in (1, 2, 3) if s != r + 1]
+        latest = {1: titles[2:4], 2: titles[6:8], 3: titles[10:12]}
+        got = {run.vocab.decode(int(t)) for slot in (2, 3) for t in row_titles[segments == slot][:2]}
+        assert got == set(latest[mates[0]]) | set(latest[mates[1]])
+
+
 def test_as_of_ignores_every_later_row(run, sample):
     activity, info = sample
     base = run.recommend(activity, info, k=5, as_of=AS_OF, batch_size=BATCH)

@@ -9,8 +9,10 @@ import pytest
 
 from experiments.train import parse
 from studyrec.data import dataset
+from studyrec.data.generate import sample_data_paths
 from studyrec.data.interactions import make_chunks
 from studyrec.data.packing import ClassroomPacker
+from studyrec.data.vocab import UNDEF
 from studyrec.models import build
 from studyrec.train.checkpoint import Checkpoints
 from studyrec.train.config import PRESETS, ArchConfig, TrainConfig, WandbConfig
@@ -64,6 +66,15 @@ def test_end_to_end_on_a_data_by_fsdp_mesh_lowers_the_loss(tmp_path):
     assert set(aggregate["Evaluation_Type"]) == {"all", "non_continuation", "non_history"}
     assert sorted(set(aggregate["N_Recommendations"])) == [1, 5]
     assert Checkpoints(run).steps() == [20, 40]
+
+
+def test_focus_rows_train_and_score_every_validation_interaction(tmp_path):
+    run = train(tiny(tmp_path, student_chunk_size=8, classmate_chunk_size=4, eval_context="history", steps=4, eval_every=2))
+    recommendations = json.loads((run / "recommendations.json").read_text())
+    valid = pd.read_csv(sample_data_paths()["valid"])
+    assert sum(len(v) for v in recommendations.values()) == len(valid)
+    assert all(len(titles) == 5 and UNDEF not in titles for v in recommendations.values() for titles in v)  # all scored
+    assert any("eval/valid_accuracy" in m for m in read_metrics(run))
 
 
 def final_params(run_dir, cfg):

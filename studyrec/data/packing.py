@@ -15,6 +15,9 @@ Two layouts, both vectorised over rows:
 - ``EvalLayout``: an exhaustive, ordered pass. Classmates' ``r``-th chunks counting back from
   their latest share rows (filled in StudentID order), so every interaction lands in exactly one
   row, classmates' latest activity sits together, and a student's chunks come out earliest first.
+
+With ``context_size`` both become *focus* rows: one student's chunk, then each classmate's latest
+``context_size`` interactions strictly before its last (see ``ClassroomPacker``).
 """
 
 from __future__ import annotations
@@ -65,24 +68,62 @@ def _uniform(seed: int, rows: np.ndarray, stream: int, width: int) -> np.ndarray
 
 @dataclasses.dataclass(frozen=True)
 class Placements:
-    """Where chunks go: chunk ``chunk[i]`` starts at column ``col[i]`` of row ``row[i]`` as student ``slot[i]``."""
+    """Where runs of interactions go: ``length[i]`` interactions of ``student[i]`` from ``start[i]``
+    fill row ``row[i]`` from column ``col[i]`` as slot ``slot[i]``; unscored ones are context only."""
 
     row: np.ndarray
     col: np.ndarray
     slot: np.ndarray
-    chunk: np.ndarray
+    start: np.ndarray
+    length: np.ndarray
+    student: np.ndarray
+    scored: np.ndarray
+
+    @classmethod
+    def of_chunks(cls, chunks: Chunks, row, col, slot, chunk) -> Placements:
+        """Whole chunks, all scored."""
+        chunk = np.asarray(chunk, np.int64)
+        return cls(
+            row=np.asarray(row, np.int64), col=np.asarray(col, np.int64), slot=np.asarray(slot, np.int64),
+            start=chunks.start[chunk], length=chunks.length[chunk], student=chunks.owner[chunk],
+            scored=np.ones(len(chunk), bool),
+        )
+
+    def take(self, index) -> Placements:
+        return Placements(**{f.name: getattr(self, f.name)[index] for f in dataclasses.fields(self)})
+
+    @staticmethod
+    def concat(parts: Sequence[Placements]) -> Placements:
+        return Placements(**{f.name: np.concatenate([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(Placements)})
 
 
 class ClassroomPacker:
-    """Packs the chunks of ``data`` into classroom rows of ``seq_len`` tokens."""
+    """Packs the chunks of ``data`` into classroom rows of ``seq_len`` tokens.
+
+    With ``context_size``, each row is one student's chunk followed by the latest ``context_size``
+    interactions before its end of each classmate, most recently active first (a *focus* row); only
+    that student's chunk is scored in the evaluation pass.
+    """
 
     def __init__(
-        self, data: Interactions, chunks: Chunks, seq_len: int, sep: int, time_origin: int, aligned: bool = True
+        self,
+        data: Interactions,
+        chunks: Chunks,
+        seq_len: int,
+        sep: int,
+        time_origin: int,
+        aligned: bool = True,
+        context_size: int | None = None,
     ):
         if chunks.size > seq_len:
             raise ValueError(
                 f"student chunk size {chunks.size} is larger than seq_len {seq_len}: a chunk could never "
                 f"be placed; use a chunk size <= seq_len"
+            )
+        if context_size is not None and not 1 <= context_size <= seq_len - chunks.size - 1:
+            raise ValueError(
+                f"classmate chunk size {context_size} leaves no room: it must be between 1 and seq_len - "
+                f"student chunk size - 1 = {seq_len - chunks.size - 1}"
             )
         relative = data.timestamps - time_origin
         if len(relative) and (relative.min() < _INT32.min or relative.max() > _INT32.max):
@@ -103,15 +144,19 @@ class ClassroomPacker:
         self._key_base = np.int64(since_first.max(initial=0) + 1)
         self._chunk_end_time = since_first[chunks.start + chunks.length - 1]
         self._chunk_key = chunks.owner * self._key_base + since_first[chunks.start]
+        self.context_size = context_size
+        self._since_first = since_first
+        # (student, time) of every interaction, ascending: a classmate's reads before a moment.
+        self._interaction_key = np.repeat(np.arange(data.num_students), np.diff(data.offsets)) * self._key_base + since_first
 
     def compose(self, num_rows: int, where: Placements) -> tuple[Sample, np.ndarray]:
         """Builds ``num_rows`` rows from placements; also returns each token's source interaction (-1: none)."""
-        L, chunks, data = self.seq_len, self.chunks, self.data
-        lengths = chunks.length[where.chunk]
+        L, data = self.seq_len, self.data
+        lengths = where.length
         within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
         r = np.repeat(where.row, lengths)
         c = np.repeat(where.col, lengths) + within
-        src = np.repeat(chunks.start[where.chunk], lengths) + within
+        src = np.repeat(where.start, lengths) + within
         titles = np.zeros((num_rows, L), np.int32)
         segments = np.zeros((num_rows, L), np.int32)
         timestamps = np.zeros((num_rows, L), np.int32)
@@ -121,40 +166,28 @@ class ClassroomPacker:
         segments[r, c] = np.repeat(where.slot, lengths)
         timestamps[r, c] = self._relative[src]
         positions[r, c] = within
-        source[r, c] = src
+        source[r, c] = np.where(np.repeat(where.scored, lengths), src, -1)
         later = where.slot > 1
         titles[where.row[later], where.col[later] - 1] = self.sep
         grade = np.zeros(num_rows, np.int32)
         first = where.slot == 1
-        grade[where.row[first]] = data.grade[chunks.owner[where.chunk[first]]]
+        grade[where.row[first]] = data.grade[where.student[first]]
         return Sample(titles, segments, timestamps, positions, grade), source
 
     def random_placements(self, seed: int, rows: np.ndarray) -> Placements:
         """Training rows with replacement; row ``rows[b]`` depends only on ``(seed, rows[b])``."""
         rows = np.asarray(rows, dtype=np.int64)
-        B, W, L = len(rows), self._width, self.seq_len
-        data, chunks = self.data, self.chunks
+        L, data, chunks = self.seq_len, self.data, self.chunks
         # A classroom in proportion to its students: the classroom of a uniformly drawn student.
         anchor = np.minimum((_uniform(seed, rows, 0, 1)[:, 0] * data.num_students).astype(np.int64), data.num_students - 1)
         room = data.classroom[anchor]
-        size = self._class_size[room]
-        j = np.arange(W)[None, :]
-        # Classmates in random order: exact permutations for small classes, distinct draws for large ones.
-        small = (size <= W)[:, None]
-        drawn = np.minimum((_uniform(seed, rows, 1, W) * size[:, None]).astype(np.int64), size[:, None] - 1)
-        member = np.where(small, j, drawn)
-        valid = np.where(small, j < size[:, None], True)
-        keys = np.where(valid, _uniform(seed, rows, 2, W), 2.0)
-        order = np.argsort(keys, axis=1, kind="stable")
-        member = np.take_along_axis(member, order, 1)
-        valid = np.take_along_axis(valid, order, 1)
-        by_member = np.argsort(member, axis=1, kind="stable")
-        sorted_member = np.take_along_axis(member, by_member, 1)
-        repeat = np.zeros_like(valid)
-        np.put_along_axis(repeat, by_member[:, 1:], sorted_member[:, 1:] == sorted_member[:, :-1], 1)
-        valid &= ~repeat
+        member, valid = self._classmates(seed, rows, room)
+        if self.context_size is not None:
+            anchor_chunk = self._random_chunk(_uniform(seed, rows, 4, 1)[:, 0], anchor)
+            return self._focus_placements(anchor_chunk, room, member, valid)
+        B = len(rows)
         # At most (L+1)//2 chunks fit, and three misfits end a row: later candidates are never looked at.
-        front = np.argsort(~valid, axis=1, kind="stable")[:, : min(W, (L + 1) // 2 + MAX_REJECTS)]
+        front = np.argsort(~valid, axis=1, kind="stable")[:, : min(member.shape[1], (L + 1) // 2 + MAX_REJECTS)]
         member, valid = np.take_along_axis(member, front, 1), np.take_along_axis(valid, front, 1)
         W = front.shape[1]
         student = self._members[self._class_start[room][:, None] + np.where(valid, member, 0)]
@@ -186,9 +219,67 @@ class ClassroomPacker:
                 break
         b, k = np.nonzero(accept)
         slot = np.cumsum(accept, axis=1)[b, k]
-        return Placements(row=b, col=col[b, k], slot=slot, chunk=chunk[b, k])
+        return Placements.of_chunks(chunks, b, col[b, k], slot, chunk[b, k])
+
+    def _classmates(self, seed: int, rows: np.ndarray, room: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Up to ``_width`` distinct members of each row's classroom in random order: indices within
+        the classroom ``[B, W]`` and whether each is real."""
+        W = self._width
+        size = self._class_size[room]
+        j = np.arange(W)[None, :]
+        # Exact permutations for small classes, distinct draws for large ones.
+        small = (size <= W)[:, None]
+        drawn = np.minimum((_uniform(seed, rows, 1, W) * size[:, None]).astype(np.int64), size[:, None] - 1)
+        member = np.where(small, j, drawn)
+        valid = np.where(small, j < size[:, None], True)
+        keys = np.where(valid, _uniform(seed, rows, 2, W), 2.0)
+        order = np.argsort(keys, axis=1, kind="stable")
+        member = np.take_along_axis(member, order, 1)
+        valid = np.take_along_axis(valid, order, 1)
+        by_member = np.argsort(member, axis=1, kind="stable")
+        sorted_member = np.take_along_axis(member, by_member, 1)
+        repeat = np.zeros_like(valid)
+        np.put_along_axis(repeat, by_member[:, 1:], sorted_member[:, 1:] == sorted_member[:, :-1], 1)
+        return member, valid & ~repeat
+
+    def _focus_placements(self, anchor_chunk: np.ndarray, room: np.ndarray, member: np.ndarray, valid: np.ndarray) -> Placements:
+        """Row ``b``: chunk ``anchor_chunk[b]`` (scored), then each candidate classmate's latest
+        ``context_size`` interactions strictly before that chunk's last one, most recent first, while
+        they fit; the first that does not fit keeps what room is left."""
+        L, data, chunks = self.seq_len, self.data, self.chunks
+        B = len(anchor_chunk)
+        anchor = chunks.owner[anchor_chunk]
+        own = chunks.length[anchor_chunk]
+        student = self._members[self._class_start[room][:, None] + np.where(valid, member, 0)]
+        valid = valid & (student != anchor[:, None])
+        moment = self._chunk_end_time[anchor_chunk]
+        end = np.searchsorted(self._interaction_key, student * self._key_base + moment[:, None], side="left")
+        count = np.where(valid, np.clip(end - data.offsets[student], 0, self.context_size), 0)
+        latest = np.where(count > 0, self._since_first[np.maximum(end - 1, 0)], -1)
+        order = np.argsort(-latest, axis=1, kind="stable")  # the most recent first, the empty last
+        student, count, end = (np.take_along_axis(a, order, 1) for a in (student, count, end))
+        need = np.where(count > 0, count + 1, 0)  # with its separator
+        used = own[:, None] + np.cumsum(need, axis=1)
+        taken = np.where(used <= L, count, 0)
+        # The first misfit keeps its latest interactions that fit after a separator.
+        fit = (taken > 0).sum(axis=1)
+        b = np.flatnonzero(fit < count.shape[1])
+        k = fit[b]
+        room_left = L - np.where(k > 0, used[b, np.maximum(k - 1, 0)], own[b]) - 1
+        taken[b, k] = np.where(count[b, k] > 0, np.clip(room_left, 0, count[b, k]), 0)
+        r, k = np.nonzero(taken > 0)
+        width = np.where(taken > 0, taken + 1, 0)
+        col = own[:, None] + np.cumsum(width, axis=1) - taken  # after the separator
+        mates = Placements(
+            row=r, col=col[r, k], slot=k + 2, start=end[r, k] - taken[r, k], length=taken[r, k],
+            student=student[r, k], scored=np.zeros(len(r), bool),
+        )
+        first = Placements.of_chunks(chunks, np.arange(B), np.zeros(B, np.int64), np.ones(B, np.int64), anchor_chunk)
+        both = Placements.concat([first, mates])
+        return both.take(np.argsort(both.row, kind="stable"))
 
     def _random_chunk(self, u: np.ndarray, student: np.ndarray) -> np.ndarray:
+        """The chunk of ``student`` at fraction ``u`` of their chunks."""
         n = self.chunks.num_chunks[student]
         return self.chunks.first_chunk[student] + np.minimum((u * n).astype(np.int64), n - 1)
 
@@ -200,6 +291,8 @@ class ClassroomPacker:
         """The exhaustive, ordered pass over the chunks selected by ``chunk_mask`` (all by default)."""
         chunks, L = self.chunks, self.seq_len
         selected = np.arange(len(chunks)) if chunk_mask is None else np.flatnonzero(chunk_mask)
+        if self.context_size is not None:
+            return self._focus_layout(selected)
         room = self.data.classroom[chunks.owner[selected]]
         # Classmates' chunks share rows counting back from their latest, so the latest are together.
         from_last = chunks.num_chunks[chunks.owner] - 1 - chunks.rank
@@ -221,7 +314,19 @@ class ClassroomPacker:
             cur = col[i] + n
             s += 1
             row[i], slot[i] = r, s
-        return EvalLayout(self, Placements(row=row, col=col, slot=slot, chunk=order), num_rows=r + 1)
+        return EvalLayout(self, Placements.of_chunks(chunks, row, col, slot, order), num_rows=r + 1)
+
+    def _focus_layout(self, selected: np.ndarray, block: int = 16384) -> EvalLayout:
+        """One focus row per selected chunk, in chunk order; classmates drawn with seed 0."""
+        empty = np.zeros(0, np.int64)
+        parts = [Placements.of_chunks(self.chunks, empty, empty, empty, empty)]
+        for lo in range(0, len(selected), block):
+            query = selected[lo : lo + block]
+            room = self.data.classroom[self.chunks.owner[query]]
+            member, valid = self._classmates(0, query, room)
+            part = self._focus_placements(query, room, member, valid)
+            parts.append(dataclasses.replace(part, row=part.row + lo))
+        return EvalLayout(self, Placements.concat(parts), num_rows=len(selected))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,8 +345,8 @@ class EvalLayout:
         lo, hi = index * batch_size, (index + 1) * batch_size
         p = self.placements
         a, b = np.searchsorted(p.row, [lo, hi])
-        part = Placements(row=p.row[a:b] - lo, col=p.col[a:b], slot=p.slot[a:b], chunk=p.chunk[a:b])
-        return self.packer.compose(batch_size, part)
+        part = p.take(slice(a, b))
+        return self.packer.compose(batch_size, dataclasses.replace(part, row=part.row - lo))
 
 
 def to_seconds(value) -> int:

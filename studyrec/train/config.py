@@ -116,6 +116,8 @@ class TrainConfig:
     """Tokens per packed classroom row."""
     student_chunk_size: int | None = None
     """Longest run of one student's interactions in a row (default: seq_len)."""
+    classmate_chunk_size: int | None = None
+    """Focus rows: each row is one student's chunk, then this many of each classmate's latest interactions before its last (most recent first); evaluation and the validation accuracy score that student only (None: every student's chunk alike, as the reference)."""
     per_device_batch_size: int = 32
     """Rows per device per step; the global batch is this times every device of every host."""
     learning_rate: float = 0.0016

@@ -58,6 +58,12 @@ def check_flags(cfg: TrainConfig, n_devices: int) -> None:
             f"--student-chunk-size {cfg.chunk_size} is larger than --seq-len {cfg.seq_len}; "
             f"make it at most {cfg.seq_len} or raise --seq-len"
         )
+    room = cfg.seq_len - cfg.chunk_size - 1
+    if cfg.classmate_chunk_size is not None and not 1 <= cfg.classmate_chunk_size <= room:
+        raise ValueError(
+            f"--classmate-chunk-size {cfg.classmate_chunk_size} must be between 1 and --seq-len - "
+            f"--student-chunk-size - 1 = {room}"
+        )
 
 
 def resolve_steps(cfg: TrainConfig, interactions: int, global_batch: int) -> TrainConfig:
@@ -97,7 +103,9 @@ def prepare_run_dir(path: Path) -> None:
 
 def _packer(data: Interactions, cfg: TrainConfig, vocab: Vocabulary, origin: int, align: str = "start") -> ClassroomPacker:
     chunks = make_chunks(data, cfg.chunk_size, align)
-    return ClassroomPacker(data, chunks, cfg.seq_len, vocab.sep, origin, aligned=cfg.sampler == "aligned")
+    return ClassroomPacker(
+        data, chunks, cfg.seq_len, vocab.sep, origin, aligned=cfg.sampler == "aligned", context_size=cfg.classmate_chunk_size
+    )
 
 
 def _write_config(run_dir: Path, cfg: TrainConfig, model_config: ModelConfig, extra: dict, resumed_at: int | None) -> None:
@@ -233,13 +241,14 @@ def _train(cfg: TrainConfig) -> Path:
         return place_batch(packer.random_rows(cfg.seed + 1, local), mesh)
 
     probes = {"train_": fixed(train_packer), "valid_": fixed(valid_packer)}
+    focus = cfg.classmate_chunk_size is not None  # then the probes score what evaluation scores: each row's student
 
     def evaluate() -> dict:
         inference = eqx.nn.inference_mode(model)
         results = {}
         for prefix, batch in probes.items():
             if batch is not None:
-                results.update(summarise(eval_sums(inference, batch, vocab.oov), prefix))
+                results.update(summarise(eval_sums(inference, batch, vocab.oov, focus), prefix))
         return results
 
     step_fn = make_train_step(optimizer, vocab.oov)

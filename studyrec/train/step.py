@@ -62,13 +62,14 @@ def make_optimizer(
 
 
 def weighted_metrics(
-    logits: Float[Array, "batch seq vocab"], batch: Sample, oov: int
+    logits: Float[Array, "batch seq vocab"], batch: Sample, oov: int, first_only: bool = False
 ) -> dict[str, Float[Array, ""]]:
     """Token sums over the whole (global) batch: loss, correct, correct ignoring OOV, and the weight.
 
-    Targets are every real token (separators and padding excluded, OOV included, as the reference).
+    Targets are every real token (separators and padding excluded, OOV included, as the reference),
+    or with ``first_only`` the tokens of each row's first student (the one a focus row is about).
     """
-    weights = (batch.segments > 0).astype(jnp.float32)
+    weights = ((batch.segments == 1) if first_only else (batch.segments > 0)).astype(jnp.float32)
     targets = batch.titles
     xent = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
     correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32) * weights
@@ -115,9 +116,9 @@ def make_train_step(optimizer: optax.GradientTransformation, oov: int):
 
 
 @eqx.filter_jit
-def eval_sums(model: Individual, batch: Sample, oov: int) -> dict[str, Array]:
+def eval_sums(model: Individual, batch: Sample, oov: int, first_only: bool = False) -> dict[str, Array]:
     """Metric sums of the inference-mode model on one batch."""
-    return weighted_metrics(batched_logits(model, batch, None), batch, oov)
+    return weighted_metrics(batched_logits(model, batch, None), batch, oov, first_only)
 
 
 @eqx.filter_jit
