@@ -145,9 +145,11 @@ class ClassroomPacker:
         self._chunk_end_time = since_first[chunks.start + chunks.length - 1]
         self._chunk_key = chunks.owner * self._key_base + since_first[chunks.start]
         self.context_size = context_size
-        self._since_first = since_first
-        # (student, time) of every interaction, ascending: a classmate's reads before a moment.
-        self._interaction_key = np.repeat(np.arange(data.num_students), np.diff(data.offsets)) * self._key_base + since_first
+        if context_size is not None:
+            self._since_first = since_first
+            # (student, time) of every interaction, ascending: a classmate's reads before a moment.
+            owner = np.repeat(np.arange(data.num_students), np.diff(data.offsets))
+            self._interaction_key = owner * self._key_base + since_first
 
     def compose(self, num_rows: int, where: Placements) -> tuple[Sample, np.ndarray]:
         """Builds ``num_rows`` rows from placements; also returns each token's source interaction (-1: none)."""
@@ -181,16 +183,15 @@ class ClassroomPacker:
         # A classroom in proportion to its students: the classroom of a uniformly drawn student.
         anchor = np.minimum((_uniform(seed, rows, 0, 1)[:, 0] * data.num_students).astype(np.int64), data.num_students - 1)
         room = data.classroom[anchor]
-        member, valid = self._classmates(seed, rows, room)
+        student, valid = self._classmates(seed, rows, room)
         if self.context_size is not None:
             anchor_chunk = self._random_chunk(_uniform(seed, rows, 4, 1)[:, 0], anchor)
-            return self._focus_placements(anchor_chunk, room, member, valid)
+            return self._focus_placements(anchor_chunk, student, valid)
         B = len(rows)
         # At most (L+1)//2 chunks fit, and three misfits end a row: later candidates are never looked at.
-        front = np.argsort(~valid, axis=1, kind="stable")[:, : min(member.shape[1], (L + 1) // 2 + MAX_REJECTS)]
-        member, valid = np.take_along_axis(member, front, 1), np.take_along_axis(valid, front, 1)
+        front = np.argsort(~valid, axis=1, kind="stable")[:, : min(student.shape[1], (L + 1) // 2 + MAX_REJECTS)]
+        student, valid = np.take_along_axis(student, front, 1), np.take_along_axis(valid, front, 1)
         W = front.shape[1]
-        student = self._members[self._class_start[room][:, None] + np.where(valid, member, 0)]
         if self.aligned:
             # Classmates' chunks around one moment: the anchor's random chunk ends at that moment,
             # and each classmate contributes their last chunk starting at or before it.
@@ -222,8 +223,8 @@ class ClassroomPacker:
         return Placements.of_chunks(chunks, b, col[b, k], slot, chunk[b, k])
 
     def _classmates(self, seed: int, rows: np.ndarray, room: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Up to ``_width`` distinct members of each row's classroom in random order: indices within
-        the classroom ``[B, W]`` and whether each is real."""
+        """Up to ``_width`` distinct members of each row's classroom in random order: student slots
+        ``[B, W]`` and whether each is real."""
         W = self._width
         size = self._class_size[room]
         j = np.arange(W)[None, :]
@@ -240,9 +241,10 @@ class ClassroomPacker:
         sorted_member = np.take_along_axis(member, by_member, 1)
         repeat = np.zeros_like(valid)
         np.put_along_axis(repeat, by_member[:, 1:], sorted_member[:, 1:] == sorted_member[:, :-1], 1)
-        return member, valid & ~repeat
+        valid &= ~repeat
+        return self._members[self._class_start[room][:, None] + np.where(valid, member, 0)], valid
 
-    def _focus_placements(self, anchor_chunk: np.ndarray, room: np.ndarray, member: np.ndarray, valid: np.ndarray) -> Placements:
+    def _focus_placements(self, anchor_chunk: np.ndarray, student: np.ndarray, valid: np.ndarray) -> Placements:
         """Row ``b``: chunk ``anchor_chunk[b]`` (scored), then each candidate classmate's latest
         ``context_size`` interactions strictly before that chunk's last one, most recent first, while
         they fit; the first that does not fit keeps what room is left."""
@@ -250,7 +252,6 @@ class ClassroomPacker:
         B = len(anchor_chunk)
         anchor = chunks.owner[anchor_chunk]
         own = chunks.length[anchor_chunk]
-        student = self._members[self._class_start[room][:, None] + np.where(valid, member, 0)]
         valid = valid & (student != anchor[:, None])
         moment = self._chunk_end_time[anchor_chunk]
         end = np.searchsorted(self._interaction_key, student * self._key_base + moment[:, None], side="left")
@@ -323,8 +324,7 @@ class ClassroomPacker:
         for lo in range(0, len(selected), block):
             query = selected[lo : lo + block]
             room = self.data.classroom[self.chunks.owner[query]]
-            member, valid = self._classmates(0, query, room)
-            part = self._focus_placements(query, room, member, valid)
+            part = self._focus_placements(query, *self._classmates(0, query, room))
             parts.append(dataclasses.replace(part, row=part.row + lo))
         return EvalLayout(self, Placements.concat(parts), num_rows=len(selected))
 
