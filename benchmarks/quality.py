@@ -5,7 +5,9 @@
 
 Each model and baseline writes a run directory under ``--out``; the script prints one table of
 hits@{1,5,20} on ``all`` and ``non_history`` (validation weeks, scored with the training history as
-context), with the models' train and validation accuracy on fixed batches, and a JSON line.
+context), with the models' train and validation accuracy on fixed batches; then the differences
+the targets are about (Individual against own-last, STUDY against the lagged classmates heuristic
+and against Individual) with 95% paired-bootstrap intervals over students; and a JSON line.
 """
 
 from __future__ import annotations
@@ -22,6 +24,15 @@ import tyro
 
 from experiments.cli import EXIT_BAD_INPUT
 from studyrec.data.atomic import write_text_atomic
+from studyrec.evaluate.compare import paired_difference
+
+# (b, a) pairs whose difference b - a the targets are about; a missing run is skipped.
+COMPARISONS = (
+    ("individual", "own_last"),
+    ("study", "classmates_recent_lagged"),
+    ("study", "individual"),
+    ("study-lagfree", "individual"),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,11 +139,32 @@ def main(cfg: QualityConfig) -> pd.DataFrame:
             ])
             rows.append(row(dataset, model, run_dir, seconds))
     table = pd.DataFrame(rows)
-    markdown = table.to_markdown(index=False) if _has_tabulate() else table.to_string(index=False)
+    differences = pd.DataFrame([d for dataset in {r["data"] for r in rows} for d in compare(root / dataset, dataset)])
+    markdown = "\n\n".join(_markdown(t) for t in (table, differences) if not t.empty)
     print(markdown)
     write_text_atomic(root / "quality.md", markdown + "\n")
-    print(json.dumps({"benchmark": "quality", "epochs": cfg.epochs, "preset": "cpu-small", "rows": rows}))
+    print(json.dumps({
+        "benchmark": "quality", "epochs": cfg.epochs, "preset": "cpu-small", "rows": rows,
+        "differences": differences.to_dict("records"),
+    }))
     return table
+
+
+def compare(data_dir: Path, dataset: str) -> list[dict]:
+    """``COMPARISONS`` on one dataset: b - a in hits@{1,5,20} on all interactions, with 95% intervals."""
+    runs = {p.name.removeprefix("baseline-"): p / "per_student.csv" for p in data_dir.iterdir() if (p / "per_student.csv").exists()}
+    out = []
+    for b, a in COMPARISONS:
+        if a in runs and b in runs:
+            tables = pd.read_csv(runs[a]), pd.read_csv(runs[b])
+            out.append({"data": dataset, "difference (all)": f"{b} - {a}"} | {
+                f"h@{n}": str(paired_difference(*tables, n=n)) for n in (1, 5, 20)
+            })
+    return out
+
+
+def _markdown(table: pd.DataFrame) -> str:
+    return table.to_markdown(index=False) if _has_tabulate() else table.to_string(index=False)
 
 
 def _has_tabulate() -> bool:

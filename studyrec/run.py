@@ -424,7 +424,7 @@ def last_block_input(model: Study, sample: Sample) -> tuple[Float[Array, "seq d"
     """What ``model``'s last decoder block receives: ``(x, mask, extra keyword arguments)``."""
     decoder = model.decoder
     x = model.hidden(sample, layers=decoder.config.num_layers - 1)
-    mask, extra = decoder.attention_inputs(model.mask(sample), sample.timestamps)
+    mask, extra = decoder.attention_inputs(model.mask(sample), sample.timestamps, sample.segments)
     return x, mask, extra
 
 
@@ -449,9 +449,9 @@ def last_layer_attention(model: Study, sample: Sample, query: Int[Array, ""]) ->
     q = (h[query] @ attention.wq.astype(dt)).reshape(attention.num_heads, -1)
     k = (h @ attention.wk.astype(dt)).reshape(T, attention.num_heads, -1)
     scores = jnp.einsum("hd,khd->hk", q, k) / math.sqrt(q.shape[-1])
-    recency = getattr(attention, "recency", None)
-    if recency is not None and "log_gap" in extra:
-        scores = scores + (-recency[:, None] * extra["log_gap"][query][None]).astype(dt)
+    bias = attention.score_bias(dt, **{name: v[query][None] for name, v in extra.items()})
+    if bias is not None:
+        scores = scores + bias[:, 0]
     scores = jnp.where(mask[query][None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
     return jax.nn.softmax(scores, axis=-1)
 

@@ -1,3 +1,5 @@
+import dataclasses
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -251,3 +253,20 @@ def test_copy_recency_measures_the_age_of_each_carried_read(name):
     # Predicting 9 at day 11: title 5 was read 11 days before, title 7 one day before.
     expected = np.exp(-2.0 * np.log1p(np.array([11.0, 1.0])))
     np.testing.assert_allclose(probs[2, [5, 7]], expected / expected.sum(), rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["study", "study-lagfree"])
+def test_own_bias_starts_neutral(name):
+    config = ModelConfig(**TINY, copy_head=True, gap_embedding=True)
+    plain = eqx.nn.inference_mode(build(name, config, key=jax.random.key(5)))
+    own = eqx.nn.inference_mode(build(name, dataclasses.replace(config, own_bias=0.0), key=jax.random.key(5)))
+    np.testing.assert_allclose(eqx.filter_jit(own)(FIXTURE), eqx.filter_jit(plain)(FIXTURE), rtol=1e-5, atol=1e-5)
+
+
+def test_own_bias_can_shut_classmates_out():
+    m = eqx.nn.inference_mode(build("study", ModelConfig(**TINY, copy_head=True, gap_embedding=True, own_bias=0.0), key=jax.random.key(5)))
+    later_reads = np.asarray([7, 8, 9])  # student 2 after its first read: it has a past of its own
+    sees_classmate = lambda m: np.asarray(influence(m, FIXTURE))[:5][:, later_reads].any()  # noqa: E731
+    assert sees_classmate(m)
+    shut = eqx.tree_at(lambda t: (t.decoder.blocks.attention.own, t.decoder.copy.own), m, (jnp.full((2, 2), 6.0), jnp.float32(6.0)))
+    assert not sees_classmate(shut)

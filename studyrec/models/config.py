@@ -38,6 +38,10 @@ class ModelConfig:
     """Mix the output softmax with a pointer over the titles in view (``CopyHead``)."""
     gap_embedding: bool = False
     """Add a learned embedding of the time since the student's previous read (``gap_buckets``) to each input."""
+    own_bias: float | None = None
+    """Learned biases on the query's own student's keys, per attention head (starting at this many
+    logits) and in the copy head (starting at 0), so a head weighs the student's past against
+    classmates' with one number; None: no such parameters."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Compute dtype; parameters stay float32."""
 

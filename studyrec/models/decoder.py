@@ -66,6 +66,11 @@ class LayerNorm(eqx.Module):
         return ((x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale + self.bias).astype(x.dtype)
 
 
+# The own-student biases are stored divided by this, so Adam (whose steps are about the learning
+# rate per parameter) moves them by whole logits within a few hundred steps.
+OWN_BIAS_GAIN = 10.0
+
+
 class Attention(eqx.Module):
     """Multi-head self-attention without biases."""
 
@@ -75,6 +80,7 @@ class Attention(eqx.Module):
     wo: Float[Array, "qkv d"]
     weight_dropout: eqx.nn.Dropout
     recency: Float[Array, " heads"] | None
+    own: Float[Array, " heads"] | None
     num_heads: int = eqx.field(static=True)
 
     def __init__(self, config: ModelConfig, *, key: PRNGKeyArray):
@@ -84,7 +90,23 @@ class Attention(eqx.Module):
         self.wo = _xavier(ko, qkv, d)
         self.weight_dropout = eqx.nn.Dropout(config.attention_dropout)
         self.recency = jnp.zeros(config.num_heads) if config.recency_bias else None
+        self.own = None if config.own_bias is None else jnp.full(config.num_heads, config.own_bias / OWN_BIAS_GAIN)
         self.num_heads = config.num_heads
+
+    def score_bias(
+        self,
+        dtype,
+        log_gap: Float[Array, "q k"] | None = None,
+        same_student: Bool[Array, "q k"] | None = None,
+    ) -> Float[Array, "heads q k"] | None:
+        """What the learned biases add to the attention scores: the recency term and the own-student term."""
+        bias = None
+        if self.recency is not None and log_gap is not None:
+            bias = -self.recency[:, None, None] * log_gap[None]
+        if self.own is not None and same_student is not None:
+            own = OWN_BIAS_GAIN * self.own[:, None, None] * same_student[None]
+            bias = own if bias is None else bias + own
+        return None if bias is None else bias.astype(dtype)
 
     def __call__(
         self,
@@ -93,13 +115,12 @@ class Attention(eqx.Module):
         *,
         key: PRNGKeyArray | None,
         log_gap: Float[Array, "seq seq"] | None = None,
+        same_student: Bool[Array, "seq seq"] | None = None,
     ) -> Float[Array, "seq d"]:
         T, dt = x.shape[0], x.dtype
         split = lambda w: (x @ w.astype(dt)).reshape(T, self.num_heads, -1)  # noqa: E731
         q, k, v = split(self.wq), split(self.wk), split(self.wv)
-        bias = None
-        if self.recency is not None and log_gap is not None:
-            bias = (-self.recency[:, None, None] * log_gap[None]).astype(dt)
+        bias = self.score_bias(dt, log_gap, same_student)
         if self.weight_dropout.inference or self.weight_dropout.p == 0:
             out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask[None])
         else:  # dropout on the attention weights needs them materialised
@@ -156,10 +177,11 @@ class Block(eqx.Module):
         mask: Bool[Array, "seq seq"],
         *,
         key: PRNGKeyArray | None,
-        log_gap: Float[Array, "seq seq"] | None = None,
+        **bias_inputs,
     ) -> Float[Array, "seq d"]:
+        """``bias_inputs``: ``Attention``'s ``log_gap`` and ``same_student``, where the model has those biases."""
         ka, kd, km = (None, None, None) if key is None else jax.random.split(key, 3)
-        x = x + self.dropout(self.attention(self.ln1(x), mask, key=ka, log_gap=log_gap), key=kd)
+        x = x + self.dropout(self.attention(self.ln1(x), mask, key=ka, **bias_inputs), key=kd)
         return x + self.mlp(self.ln2(x), key=km)
 
 
@@ -177,11 +199,13 @@ class CopyHead(eqx.Module):
     gate: Float[Array, " d"]
     gate_bias: Float[Array, ""]
     recency: Float[Array, ""]
+    own: Float[Array, ""] | None
 
-    def __init__(self, d_model: int, *, key: PRNGKeyArray):
+    def __init__(self, d_model: int, *, own_bias: bool = False, key: PRNGKeyArray):
         kq, kk = jax.random.split(key)
         self.wq, self.wk = _xavier(kq, d_model, d_model), _xavier(kk, d_model, d_model)
         self.gate, self.gate_bias, self.recency = jnp.zeros(d_model), jnp.zeros(()), jnp.zeros(())
+        self.own = jnp.zeros(()) if own_bias else None
 
     def __call__(
         self,
@@ -191,11 +215,14 @@ class CopyHead(eqx.Module):
         mask: Bool[Array, "n m"],
         log_gap: Float[Array, "n m"],
         logits: Float[Array, "n vocab"],
+        same_student: Bool[Array, "n m"] | None = None,
     ) -> Float[Array, "n vocab"]:
         """Log-probabilities; rows that may see no title (a student's first read) keep ``logits``' softmax."""
         q, k = queries.astype(jnp.float32), keys.astype(jnp.float32)
         visible = mask & (carried > 0)[None, :]
         scores = (q @ self.wq) @ (k @ self.wk).T / math.sqrt(q.shape[-1]) - self.recency * log_gap
+        if self.own is not None and same_student is not None:
+            scores = scores + OWN_BIAS_GAIN * self.own * same_student
         weights = jax.nn.softmax(jnp.where(visible, scores, jnp.finfo(jnp.float32).min), axis=-1) * visible
         copy = jnp.zeros(logits.shape, jnp.float32).at[:, carried].add(weights)
         hit = copy > 0
@@ -234,7 +261,7 @@ class Decoder(eqx.Module):
             None if config.num_grade_levels is None else 0.01 * jax.random.normal(kg, (config.num_grade_levels + 1, V))
         )
         self.gap_embedding = jnp.zeros((GAP_BUCKETS, d)) if config.gap_embedding else None
-        self.copy = CopyHead(d, key=jax.random.fold_in(key, 1)) if config.copy_head else None
+        self.copy = CopyHead(d, own_bias=config.own_bias is not None, key=jax.random.fold_in(key, 1)) if config.copy_head else None
         self.embed_dropout = eqx.nn.Dropout(config.dropout)
         self.config = config
 
@@ -278,16 +305,25 @@ class Decoder(eqx.Module):
         x, _ = jax.lax.scan(layer, x, (params, layer_keys))
         return x
 
-    def attention_inputs(
-        self, mask: Bool[Array, "seq seq"], timestamps: Int[Array, " seq"] | None
-    ) -> tuple[Bool[Array, "seq seq"], dict]:
-        """The mask every block applies and its keyword arguments (the recency bias's ``log_gap``)."""
-        # A query that sees nothing (padding) attends to itself, so no softmax row is empty.
-        mask = mask | jnp.eye(mask.shape[0], dtype=bool)
+    def bias_inputs(self, timestamps: Int[Array, " seq"] | None, segments: Int[Array, " seq"] | None) -> dict:
+        """``Attention.score_bias``'s inputs for this model: ``log_gap`` (recency bias), ``same_student`` (own bias)."""
         extra = {}
         if self.config.recency_bias and timestamps is not None:
             extra["log_gap"] = recency_gap(timestamps)
-        return mask, extra
+        if self.config.own_bias is not None and segments is not None:
+            extra["same_student"] = segments[:, None] == segments[None, :]
+        return extra
+
+    def attention_inputs(
+        self,
+        mask: Bool[Array, "seq seq"],
+        timestamps: Int[Array, " seq"] | None,
+        segments: Int[Array, " seq"] | None = None,
+    ) -> tuple[Bool[Array, "seq seq"], dict]:
+        """The mask every block applies and its keyword arguments (``bias_inputs``)."""
+        # A query that sees nothing (padding) attends to itself, so no softmax row is empty.
+        mask = mask | jnp.eye(mask.shape[0], dtype=bool)
+        return mask, self.bias_inputs(timestamps, segments)
 
     def hidden(
         self,
@@ -296,13 +332,14 @@ class Decoder(eqx.Module):
         mask: Bool[Array, "seq seq"],
         *,
         timestamps: Int[Array, " seq"] | None = None,
+        segments: Int[Array, " seq"] | None = None,
         gaps: Int[Array, " seq"] | None = None,
         key: PRNGKeyArray | None = None,
         layers: int | None = None,
     ) -> Float[Array, "seq d"]:
         """The residual stream after the first ``layers`` blocks (default: all), before the final LayerNorm."""
         ke, kb = (None, None) if key is None else jax.random.split(key)
-        mask, extra = self.attention_inputs(mask, timestamps)
+        mask, extra = self.attention_inputs(mask, timestamps, segments)
         block_fn = lambda block, x, k: block(x, mask, key=k, **extra)  # noqa: E731
         return self.transform(self.embed(inputs, positions, gaps, key=ke), block_fn, key=kb, layers=layers)
 
@@ -357,10 +394,11 @@ class DecoderModel(eqx.Module):
         keys = self.decoder.final_ln(hidden)  # normalised once: the copy head's keys, and its queries at rows
         carried, read_at, mask = self.copy_sources(sample)
         gap = recency_gap(sample.timestamps, read_at)  # the age of each carried read at each query
+        same = sample.segments[:, None] == sample.segments[None, :]
         queries = keys
         if rows is not None:
-            queries, mask, gap = keys[rows], mask[rows], gap[rows]
-        return head(queries, keys, carried, mask, gap, self.decoder.project(queries, sample.grade_level))
+            queries, mask, gap, same = keys[rows], mask[rows], gap[rows], same[rows]
+        return head(queries, keys, carried, mask, gap, self.decoder.project(queries, sample.grade_level), same)
 
     def __call__(self, sample, *, key: PRNGKeyArray | None = None) -> Float[Array, "seq vocab"]:
         """Scores at every position of one packed row (a ``studyrec.data.packing.Sample``)."""

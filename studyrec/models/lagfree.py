@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from studyrec.data.packing import Sample
-from studyrec.models.decoder import Attention, Block, DecoderModel, recency_gap
+from studyrec.models.decoder import Attention, Block, DecoderModel
 from studyrec.models.masks import own_past, strictly_earlier
 
 
@@ -58,20 +58,18 @@ def two_stream_attention(
     mask: Bool[Array, "2*seq seq"],
     *,
     key: PRNGKeyArray | None,
-    log_gap: Float[Array, "2*seq seq"] | None = None,
+    **bias_inputs,
 ) -> Float[Array, "2*seq d"]:
     """``Attention`` with queries from both streams ``x = [h; g]`` and keys and values from ``h`` only.
 
     A row that may see nothing (separators, padding, a first read with no earlier classmate read)
     reads nothing: its output is zero, so no softmax over an empty set spreads over hidden keys.
-    ``log_gap`` feeds the recency bias as in ``Attention``.
+    ``bias_inputs`` (``2*seq`` by ``seq``) feed ``Attention.score_bias``.
     """
     n, dt = mask.shape[1], x.dtype
     heads = lambda y, w: (y @ w.astype(dt)).reshape(y.shape[0], attention.num_heads, -1)  # noqa: E731
     q, k, v = heads(x, attention.wq), heads(x[:n], attention.wk), heads(x[:n], attention.wv)
-    bias = None
-    if attention.recency is not None and log_gap is not None:
-        bias = (-attention.recency[:, None, None] * log_gap[None]).astype(dt)
+    bias = attention.score_bias(dt, **bias_inputs)
     sees = mask.any(axis=1)
     mask = mask | ~sees[:, None]
     if attention.weight_dropout.inference or attention.weight_dropout.p == 0:
@@ -93,11 +91,11 @@ def two_stream_block(
     mask: Bool[Array, "2*seq seq"],
     *,
     key: PRNGKeyArray | None,
-    log_gap: Float[Array, "2*seq seq"] | None = None,
+    **bias_inputs,
 ) -> Float[Array, "2*seq d"]:
     """``Block`` over both streams, with ``two_stream_attention`` in place of self-attention."""
     ka, kd, km = (None, None, None) if key is None else jax.random.split(key, 3)
-    attended = two_stream_attention(block.attention, block.ln1(x), mask, key=ka, log_gap=log_gap)
+    attended = two_stream_attention(block.attention, block.ln1(x), mask, key=ka, **bias_inputs)
     x = x + block.dropout(attended, key=kd)
     return x + block.mlp(block.ln2(x), key=km)
 
@@ -137,7 +135,7 @@ class StudyLagFree(DecoderModel):
         twice = lambda a: None if a is None else jnp.concatenate([a, a])  # noqa: E731
         x = decoder.embed(tokens, twice(sample.positions), twice(self.input_gaps(sample)), key=ke)
         mask = self.mask(sample)
-        # Both streams' rows at q share q's time, so the recency bias repeats for the query stream.
-        log_gap = jnp.tile(recency_gap(sample.timestamps), (2, 1)) if self.config.recency_bias else None
-        block_fn = lambda block, x, k: two_stream_block(block, x, mask, key=k, log_gap=log_gap)  # noqa: E731
+        # Both streams' rows at q share q's time and student, so the biases repeat for the query stream.
+        extra = {name: jnp.tile(v, (2, 1)) for name, v in decoder.bias_inputs(sample.timestamps, sample.segments).items()}
+        block_fn = lambda block, x, k: two_stream_block(block, x, mask, key=k, **extra)  # noqa: E731
         return decoder.transform(x, block_fn, key=kb, layers=layers)[n:]

@@ -41,6 +41,7 @@ class Individual(DecoderModel):
             sample.positions,
             self.mask(sample),
             timestamps=sample.timestamps,
+            segments=sample.segments,
             gaps=self.input_gaps(sample),
             key=key,
             layers=layers,

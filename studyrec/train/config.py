@@ -34,6 +34,8 @@ class ArchConfig:
     """Mix the output with a pointer over the titles in view (copying a classmate's or one's own read generalises; the reference has none)."""
     gap_embedding: bool = True
     """Embed the time since the student's previous read into each input (how stale their last title is; the reference has none)."""
+    own_bias: float | None = None
+    """Learned attention and copy-head biases on the student's own reads against classmates', the attention's starting at this many logits (None: off; the reference has none)."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Compute dtype: auto is bfloat16 on GPU/TPU and float32 on CPU."""
 
@@ -54,6 +56,7 @@ class ArchConfig:
             recency_bias=self.recency_bias,
             copy_head=self.copy_head,
             gap_embedding=self.gap_embedding,
+            own_bias=self.own_bias,
             dtype=dtype,
         )
 
