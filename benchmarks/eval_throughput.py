@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     vocab = Vocabulary.build(train["SHLF_NUM"], max_size=cfg.vocab_size)
     origin = int(train["timestamp"].min())
     origin -= origin % 86400
-    config = cfg.arch.model_config(vocab.logits_size, cfg.grade_levels, cfg.seq_len, jax.default_backend())
+    config = cfg.arch.model_config(vocab.logits_size, cfg.grade_levels, cfg.seq_len, jax.default_backend(), model=args.model)
     mesh = make_mesh()
     model = shard_params(build(args.model, config, key=jax.random.key(args.seed)), mesh)
     inference = eqx.nn.inference_mode(model)

@@ -47,7 +47,7 @@ dev = jax.devices()[0]
 log(f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}, {THREADS} packing threads")
 cfg = PRESETS[PRESET]
 packer, vocab = generated_packer(6000, seq_len=cfg.seq_len, chunk=cfg.chunk_size, vocab_size=cfg.vocab_size)
-config = cfg.arch.model_config(vocab.logits_size, cfg.grade_levels, cfg.seq_len, jax.default_backend())
+config = cfg.arch.model_config(vocab.logits_size, cfg.grade_levels, cfg.seq_len, jax.default_backend(), model="study")
 mesh = make_mesh(1, devices=[dev])
 flops_per_token = decoder_flops_per_token(config, cfg.seq_len)["train"]
 

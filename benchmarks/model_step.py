@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.attention_dropout is not None:
         arch = dataclasses.replace(arch, attention_dropout=args.attention_dropout)
     platform = jax.default_backend()
-    config = arch.model_config(args.vocab_size, None, args.seq_len, platform)
+    config = arch.model_config(args.vocab_size, None, args.seq_len, platform, model=args.model)
     batch = args.batch or (32 if platform == "cpu" else preset.per_device_batch_size)
     chunk = args.chunk or min(preset.chunk_size, args.seq_len)
 

@@ -52,7 +52,9 @@ class QualityConfig:
     epochs: float = 6.0
     """Passes over each dataset's training interactions per model (about 1,200 cpu-small steps on 15k students); the best checkpoint by validation accuracy is kept."""
     chunk_sizes: tuple[tuple[str, int], ...] = (("individual", 16), ("study", 8), ("study-lagfree", 4))
-    """Chunk length per model: smaller chunks put more classmates in a 65-token row."""
+    """Chunk length per model on the generated classrooms: smaller chunks put more classmates in a 65-token row."""
+    movielens_chunk_sizes: tuple[tuple[str, int], ...] = (("individual", 16), ("study", 16), ("study-lagfree", 16))
+    """Chunk length per model on MovieLens, whose zip-code "classrooms" carry little signal: each model keeps Individual's own history."""
     eval_every: int = 100
     """Steps between the validation accuracies that pick the best checkpoint."""
     seed: int = 0
@@ -96,9 +98,9 @@ def data_flags(path: Path) -> list[str]:
     ]
 
 
-def row(dataset: str, name: str, run_dir: Path, seconds: float) -> dict:
+def row(dataset: str, name: str, run_dir: Path, seconds: float, chunk: int | None = None) -> dict:
     aggregate = pd.read_csv(run_dir / "aggregate.csv").set_index(["Evaluation_Type", "N_Recommendations"])["Hits_at_N"]
-    result = {"data": dataset, "model": name, "seconds": round(seconds, 1)}
+    result = {"data": dataset, "model": name, "chunk": "" if chunk is None else chunk, "seconds": round(seconds, 1)}
     for subset in ("all", "non_history"):
         for n in (1, 5, 20):
             result[f"{subset} h@{n}"] = round(float(aggregate[(subset, n)]), 4)
@@ -115,10 +117,11 @@ def row(dataset: str, name: str, run_dir: Path, seconds: float) -> dict:
 
 
 def main(cfg: QualityConfig) -> pd.DataFrame:
-    missing = [m for m in cfg.models if m not in dict(cfg.chunk_sizes)]
-    if missing:
-        print(f"error: --chunk-sizes has no entry for {', '.join(missing)} (give MODEL SIZE pairs)", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
+    for flag, sizes in (("--chunk-sizes", cfg.chunk_sizes), ("--movielens-chunk-sizes", cfg.movielens_chunk_sizes)):
+        missing = [m for m in cfg.models if m not in dict(sizes)]
+        if missing:
+            print(f"error: {flag} has no entry for {', '.join(missing)} (give MODEL SIZE pairs)", file=sys.stderr)
+            sys.exit(EXIT_BAD_INPUT)
     root = Path(cfg.out)
     rows = []
     for dataset, path in data_sets(cfg, root / "data").items():
@@ -129,17 +132,18 @@ def main(cfg: QualityConfig) -> pd.DataFrame:
             else:
                 seconds = float("nan")
             rows.append(row(dataset, name, run_dir, seconds))
+        chunk_sizes = dict(cfg.movielens_chunk_sizes if dataset == "movielens-100k" else cfg.chunk_sizes)
         for model in cfg.models:
             run_dir = root / dataset / model
             seconds = run([
                 sys.executable, "-m", "experiments.train", "--preset", "cpu-small", "--model", model,
                 "--output-dir", str(run_dir), "--epochs", str(cfg.epochs), "--seed", str(cfg.seed),
-                "--student-chunk-size", str(dict(cfg.chunk_sizes)[model]), "--wandb.mode", "disabled",
+                "--student-chunk-size", str(chunk_sizes[model]), "--wandb.mode", "disabled",
                 "--eval-every", str(cfg.eval_every), *data_flags(path), *cfg.train_flags,
             ])
-            rows.append(row(dataset, model, run_dir, seconds))
+            rows.append(row(dataset, model, run_dir, seconds, chunk_sizes[model]))
     table = pd.DataFrame(rows)
-    differences = pd.DataFrame([d for dataset in {r["data"] for r in rows} for d in compare(root / dataset, dataset)])
+    differences = pd.DataFrame([d for dataset in dict.fromkeys(r["data"] for r in rows) for d in compare(root / dataset, dataset)])
     markdown = "\n\n".join(_markdown(t) for t in (table, differences) if not t.empty)
     print(markdown)
     write_text_atomic(root / "quality.md", markdown + "\n")

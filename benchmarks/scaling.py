@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     key = jax.random.key(1)
 
     def make(seq_len: int):
-        config = preset.arch.model_config(2003, None, seq_len, platform)
+        config = preset.arch.model_config(2003, None, seq_len, platform, model=args.model)
         model = build(args.model, config, key=jax.random.key(0))
         if args.no_dropout:
             model = eqx.nn.inference_mode(model)

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
     n_dev = jax.device_count()
     global_batch = per_device * n_dev
     packer, vocab = generated_packer(args.students, seq_len=cfg.seq_len, chunk=cfg.chunk_size, vocab_size=cfg.vocab_size)
-    config = cfg.arch.model_config(vocab.logits_size, cfg.grade_levels, cfg.seq_len, jax.default_backend())
+    config = cfg.arch.model_config(vocab.logits_size, cfg.grade_levels, cfg.seq_len, jax.default_backend(), model=args.model)
 
     mesh = make_mesh(cfg.fsdp)
     model = build(args.model, config, key=jax.random.key(cfg.seed))

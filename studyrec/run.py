@@ -132,7 +132,10 @@ def load_run(path: str | os.PathLike, step: int | None = None) -> Run:
         raise ValueError(f"{where}: unknown model {name!r}; this studyrec knows {', '.join(MODELS)}")
     if "model_config" not in record:
         raise ValueError(f"{where}: no 'model_config'")
-    model_config = _from_dict(ModelConfig, record["model_config"], f"{where}: model_config")
+    saved = record["model_config"]
+    if isinstance(saved, dict):  # runs saved before copy_bias_gain existed learned the copy head's biases unscaled
+        saved = {"copy_bias_gain": 1.0, **saved}
+    model_config = _from_dict(ModelConfig, saved, f"{where}: model_config")
     config = _from_dict(TrainConfig, record.get("config", {}), f"{where}: config")
     if "time_origin" not in record:
         raise ValueError(f"{where}: no 'time_origin' (the moment the model's timestamps count from)")

@@ -240,13 +240,14 @@ def test_gap_embedding_tells_how_long_ago_the_previous_read_was(name):
     assert not np.allclose(a[2], b[2], atol=1e-3)
 
 
+@pytest.mark.parametrize("gain", [1.0, 10.0])
 @pytest.mark.parametrize("name", ["individual", "study", "study-lagfree"])
-def test_copy_recency_measures_the_age_of_each_carried_read(name):
-    m = build(name, ModelConfig(**TINY, copy_head=True), key=jax.random.key(2))
+def test_copy_recency_measures_the_age_of_each_carried_read(name, gain):
+    m = build(name, ModelConfig(**TINY, copy_head=True, copy_bias_gain=gain), key=jax.random.key(2))
     m = eqx.tree_at(
         lambda t: (t.decoder.copy.gate_bias, t.decoder.copy.wq, t.decoder.copy.recency),
         m,
-        (jnp.float32(-50.0), jnp.zeros((32, 32)), jnp.float32(2.0)),
+        (jnp.float32(-50.0), jnp.zeros((32, 32)), jnp.float32(2.0 / gain)),  # a recency of 2 logits per log-day
     )
     day = 86400
     probs = np.exp(np.asarray(eqx.filter_jit(eqx.nn.inference_mode(m))(row([5, 7, 9], [1, 1, 1], [0, 10 * day, 11 * day]))))

@@ -112,6 +112,12 @@ def test_unknown_config_keys_are_tolerated(copy, caplog):
     assert "from_the_future" in caplog.text and "new_width" in caplog.text and "new_knob" in caplog.text
 
 
+def test_runs_saved_before_the_copy_gain_load_with_unscaled_copy_biases(copy):
+    assert load_run(copy).model.decoder.copy.gain == ModelConfig.copy_bias_gain == 10.0
+    _edit_config(copy, lambda record: record["model_config"].pop("copy_bias_gain"))
+    assert load_run(copy).model.decoder.copy.gain == 1.0
+
+
 @pytest.mark.parametrize(
     "remove, error, message",
     [

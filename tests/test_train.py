@@ -15,7 +15,7 @@ from studyrec.data.packing import ClassroomPacker
 from studyrec.data.vocab import UNDEF
 from studyrec.models import build
 from studyrec.train.checkpoint import Checkpoints
-from studyrec.train.config import PRESETS, ArchConfig, TrainConfig, WandbConfig
+from studyrec.train.config import PRESETS, STUDY_OWN_BIAS, ArchConfig, TrainConfig, WandbConfig
 from studyrec.train.loop import check_flags, resolve_steps, train
 from studyrec.train.mesh import make_mesh, place_batch, shard_params
 from studyrec.train.step import make_optimizer, make_train_step, schedule
@@ -36,7 +36,7 @@ def tiny(tmp_path, **overrides) -> TrainConfig:
 def test_every_preset_loads_and_builds(name):
     cfg = parse(["--preset", name])
     assert cfg.preset == name
-    model_config = cfg.arch.model_config(2003, cfg.grade_levels, cfg.seq_len, "cpu")
+    model_config = cfg.arch.model_config(2003, cfg.grade_levels, cfg.seq_len, "cpu", model=cfg.model)
     assert model_config.d_model == cfg.arch.d_model
     shapes = jax.eval_shape(lambda: build(cfg.model, model_config, key=jax.random.key(0)))
     assert shapes.decoder.embedding.shape == (2003, cfg.arch.d_model)
@@ -49,6 +49,15 @@ def test_presets_match_their_definitions():
     paper = parse(["--preset", "paper", "--steps", "10"])
     assert (paper.arch.num_layers, paper.arch.d_model, paper.per_device_batch_size, paper.learning_rate) == (6, 256, 2048, 0.0016)
     assert paper.steps == 10  # explicit flags win over the preset
+
+
+def test_own_bias_defaults_to_study_only():
+    config = lambda arch, model: arch.model_config(50, None, 65, "cpu", model=model)  # noqa: E731
+    assert [config(ArchConfig(), m).own_bias for m in ("study", "individual", "study-lagfree")] == [STUDY_OWN_BIAS, None, None]
+    chosen = parse(["--model", "study-lagfree", "--arch.own-bias", "1.5"])
+    assert config(chosen.arch, chosen.model).own_bias == 1.5
+    off = parse(["--model", "study", "--arch.own-bias", "None"])
+    assert config(off.arch, off.model).own_bias is None
 
 
 def read_metrics(run_dir):
@@ -109,7 +118,7 @@ def test_one_device_and_eight_devices_agree(tmp_path):
     vocab = dataset.build_vocab(frames, cfg.vocab_size)
     data = dataset.encode(frames.train, vocab, frames, cfg.classroom_grouping)
     packer = ClassroomPacker(data, make_chunks(data, cfg.chunk_size), cfg.seq_len, vocab.sep, dataset.time_origin(frames.train))
-    model_config = cfg.arch.model_config(vocab.logits_size, None, cfg.seq_len, "cpu")
+    model_config = cfg.arch.model_config(vocab.logits_size, None, cfg.seq_len, "cpu", model="study")
     losses = {}
     for n in (1, 8):
         mesh = make_mesh(1, jax.devices()[:n])

@@ -1,6 +1,7 @@
-"""Evaluation: hits@n, NDCG@n and MRR per student and subset, and heuristic baselines."""
+"""Evaluation: hits@n, NDCG@n and MRR per student and subset, heuristic baselines, and paired comparisons."""
 
 from studyrec.evaluate.baselines import BASELINES, recommend_baseline
+from studyrec.evaluate.compare import Difference, paired_difference
 from studyrec.evaluate.metrics import (
     AGGREGATE_COLUMNS,
     PER_STUDENT_COLUMNS,
@@ -20,11 +21,13 @@ from studyrec.evaluate.topk import target_ranks_jax, title_mask
 __all__ = [
     "AGGREGATE_COLUMNS",
     "BASELINES",
+    "Difference",
     "PER_STUDENT_COLUMNS",
     "SUBSETS",
     "StudentStats",
     "aggregate_table",
     "hits_at_n",
+    "paired_difference",
     "per_student_table",
     "recommend_baseline",
     "score_recommendations",

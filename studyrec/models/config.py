@@ -36,6 +36,9 @@ class ModelConfig:
     """A learned per-head attention bias on log(1 + days between query and key), so attention can prefer recent reads."""
     copy_head: bool = False
     """Mix the output softmax with a pointer over the titles in view (``CopyHead``)."""
+    copy_bias_gain: float = 10.0
+    """The copy head's recency and gate biases are stored divided by this, so Adam moves them by
+    whole logits within a few passes (runs saved before it existed load with 1)."""
     gap_embedding: bool = False
     """Add a learned embedding of the time since the student's previous read (``gap_buckets``) to each input."""
     own_bias: float | None = None

@@ -200,9 +200,11 @@ class CopyHead(eqx.Module):
     gate_bias: Float[Array, ""]
     recency: Float[Array, ""]
     own: Float[Array, ""] | None
+    gain: float = eqx.field(static=True)
 
-    def __init__(self, d_model: int, *, own_bias: bool = False, key: PRNGKeyArray):
+    def __init__(self, d_model: int, *, own_bias: bool = False, gain: float, key: PRNGKeyArray):
         kq, kk = jax.random.split(key)
+        self.gain = gain
         self.wq, self.wk = _xavier(kq, d_model, d_model), _xavier(kk, d_model, d_model)
         self.gate, self.gate_bias, self.recency = jnp.zeros(d_model), jnp.zeros(()), jnp.zeros(())
         self.own = jnp.zeros(()) if own_bias else None
@@ -220,14 +222,14 @@ class CopyHead(eqx.Module):
         """Log-probabilities; rows that may see no title (a student's first read) keep ``logits``' softmax."""
         q, k = queries.astype(jnp.float32), keys.astype(jnp.float32)
         visible = mask & (carried > 0)[None, :]
-        scores = (q @ self.wq) @ (k @ self.wk).T / math.sqrt(q.shape[-1]) - self.recency * log_gap
+        scores = (q @ self.wq) @ (k @ self.wk).T / math.sqrt(q.shape[-1]) - self.gain * self.recency * log_gap
         if self.own is not None and same_student is not None:
             scores = scores + OWN_BIAS_GAIN * self.own * same_student
         weights = jax.nn.softmax(jnp.where(visible, scores, jnp.finfo(jnp.float32).min), axis=-1) * visible
         copy = jnp.zeros(logits.shape, jnp.float32).at[:, carried].add(weights)
         hit = copy > 0
         log_copy = jnp.where(hit, jnp.log(jnp.where(hit, copy, 1.0)), -jnp.inf)
-        z = (q @ self.gate + self.gate_bias)[:, None]
+        z = (q @ self.gate + self.gain * self.gate_bias)[:, None]
         log_vocab = jax.nn.log_softmax(logits, axis=-1)
         mixed = jnp.logaddexp(jax.nn.log_sigmoid(z) + log_vocab, jax.nn.log_sigmoid(-z) + log_copy)
         return jnp.where(visible.any(-1)[:, None], mixed, log_vocab)
@@ -261,7 +263,11 @@ class Decoder(eqx.Module):
             None if config.num_grade_levels is None else 0.01 * jax.random.normal(kg, (config.num_grade_levels + 1, V))
         )
         self.gap_embedding = jnp.zeros((GAP_BUCKETS, d)) if config.gap_embedding else None
-        self.copy = CopyHead(d, own_bias=config.own_bias is not None, key=jax.random.fold_in(key, 1)) if config.copy_head else None
+        self.copy = (
+            CopyHead(d, own_bias=config.own_bias is not None, gain=config.copy_bias_gain, key=jax.random.fold_in(key, 1))
+            if config.copy_head
+            else None
+        )
         self.embed_dropout = eqx.nn.Dropout(config.dropout)
         self.config = config
 

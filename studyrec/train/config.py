@@ -8,6 +8,12 @@ from typing import Literal
 from studyrec.models import ModelConfig
 
 
+# Where the reference mask's one-step lag hides classmates' latest reads, this start lets STUDY keep
+# the student's own history first (about level with Individual where classmates carry no signal);
+# lag-free STUDY, which sees every earlier classmate read, loses at hits@1 with it (README, Results).
+STUDY_OWN_BIAS = 3.0
+
+
 @dataclasses.dataclass(frozen=True)
 class ArchConfig:
     """Decoder sizes (the vocabulary width comes from the data)."""
@@ -34,13 +40,17 @@ class ArchConfig:
     """Mix the output with a pointer over the titles in view (copying a classmate's or one's own read generalises; the reference has none)."""
     gap_embedding: bool = True
     """Embed the time since the student's previous read into each input (how stale their last title is; the reference has none)."""
-    own_bias: float | None = None
-    """Learned attention and copy-head biases on the student's own reads against classmates', the attention's starting at this many logits (None: off; the reference has none)."""
+    own_bias: float | None | Literal["auto"] = "auto"
+    """Learned attention and copy-head biases on the student's own reads against classmates', the attention's starting at this many logits (None: off; auto: 3 for study, off for the others, see Results; the reference has none)."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Compute dtype: auto is bfloat16 on GPU/TPU and float32 on CPU."""
 
-    def model_config(self, vocab_size: int, num_grade_levels: int | None, seq_len: int, platform: str) -> ModelConfig:
+    def model_config(
+        self, vocab_size: int, num_grade_levels: int | None, seq_len: int, platform: str, *, model: str
+    ) -> ModelConfig:
+        """The ``ModelConfig`` for ``model`` ("study", "individual", "study-lagfree") on ``platform``."""
         dtype = self.dtype if self.dtype != "auto" else ("float32" if platform == "cpu" else "bfloat16")
+        own_bias = self.own_bias if self.own_bias != "auto" else (STUDY_OWN_BIAS if model == "study" else None)
         return ModelConfig(
             vocab_size=vocab_size,
             num_layers=self.num_layers,
@@ -56,7 +66,7 @@ class ArchConfig:
             recency_bias=self.recency_bias,
             copy_head=self.copy_head,
             gap_embedding=self.gap_embedding,
-            own_bias=self.own_bias,
+            own_bias=own_bias,
             dtype=dtype,
         )
 

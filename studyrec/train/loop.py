@@ -193,7 +193,7 @@ def _train(cfg: TrainConfig) -> Path:
         valid_packer = _packer(valid_data, cfg, vocab, origin)
 
     # Model and optimizer, placed by the rule table.
-    model_config = cfg.arch.model_config(vocab.logits_size, cfg.grade_levels, cfg.seq_len, jax.default_backend())
+    model_config = cfg.arch.model_config(vocab.logits_size, cfg.grade_levels, cfg.seq_len, jax.default_backend(), model=cfg.model)
     model = build(cfg.model, model_config, key=jax.random.key(cfg.seed))
     optimizer = make_optimizer(
         model,
