@@ -130,6 +130,33 @@ def test_eval_layout_covers_every_interaction_once_in_order():
         assert mine == sorted(mine) and len(set(mine)) == len(mine)
 
 
+def _reads_without_their_predecessor(packer, sample, source) -> int:
+    """Scored reads (not a student's first) whose row token just before is not their previous read."""
+    titles, segments = np.asarray(sample.titles), np.asarray(sample.segments)
+    firsts = set(packer.data.offsets[:-1].tolist())
+    missing = 0
+    for r, c in zip(*np.nonzero(source >= 0)):
+        i = source[r, c]
+        if i not in firsts:
+            missing += not (c > 0 and segments[r, c - 1] == segments[r, c] and titles[r, c - 1] == packer.data.titles[i - 1])
+    return missing
+
+
+def test_eval_layout_with_lead_shows_every_scored_read_the_one_before_it():
+    packer = fixture_packer()
+    plain = packer.eval_layout()
+    assert _reads_without_their_predecessor(packer, *plain.batch(0, plain.num_rows)) > 0
+    layout = packer.eval_layout(lead=True)
+    sample, source = layout.batch(0, layout.num_rows)
+    check_rows(packer, sample, source, 10)
+    np.testing.assert_array_equal(np.sort(source[source >= 0]), np.arange(LENGTHS.sum()))  # each scored once
+    assert _reads_without_their_predecessor(packer, sample, source) == 0
+    # The extra tokens are the leads: one per chunk after a student's first, context only.
+    assert (np.asarray(sample.segments) > 0).sum() == LENGTHS.sum() + (packer.chunks.rank > 0).sum()
+    with pytest.raises(ValueError, match="does not fit seq_len 4"):
+        fixture_packer(seq_len=4).eval_layout(lead=True)
+
+
 def test_eval_batches_pad_the_last_batch():
     packer = fixture_packer()
     layout = packer.eval_layout()

@@ -69,7 +69,8 @@ def _uniform(seed: int, rows: np.ndarray, stream: int, width: int) -> np.ndarray
 @dataclasses.dataclass(frozen=True)
 class Placements:
     """Where runs of interactions go: ``length[i]`` interactions of ``student[i]`` from ``start[i]``
-    fill row ``row[i]`` from column ``col[i]`` as slot ``slot[i]``; unscored ones are context only."""
+    fill row ``row[i]`` from column ``col[i]`` as slot ``slot[i]``; unscored ones are context only,
+    and so are the first ``lead[i]`` interactions of a scored one."""
 
     row: np.ndarray
     col: np.ndarray
@@ -78,15 +79,17 @@ class Placements:
     length: np.ndarray
     student: np.ndarray
     scored: np.ndarray
+    lead: np.ndarray
 
     @classmethod
-    def of_chunks(cls, chunks: Chunks, row, col, slot, chunk) -> Placements:
-        """Whole chunks, all scored."""
+    def of_chunks(cls, chunks: Chunks, row, col, slot, chunk, lead=0) -> Placements:
+        """Whole chunks, all scored, each after the ``lead`` interactions before it (context only)."""
         chunk = np.asarray(chunk, np.int64)
+        lead = np.broadcast_to(np.asarray(lead, np.int64), chunk.shape)
         return cls(
             row=np.asarray(row, np.int64), col=np.asarray(col, np.int64), slot=np.asarray(slot, np.int64),
-            start=chunks.start[chunk], length=chunks.length[chunk], student=chunks.owner[chunk],
-            scored=np.ones(len(chunk), bool),
+            start=chunks.start[chunk] - lead, length=chunks.length[chunk] + lead, student=chunks.owner[chunk],
+            scored=np.ones(len(chunk), bool), lead=lead,
         )
 
     def take(self, index) -> Placements:
@@ -168,7 +171,7 @@ class ClassroomPacker:
         segments[r, c] = np.repeat(where.slot, lengths)
         timestamps[r, c] = self._relative[src]
         positions[r, c] = within
-        source[r, c] = np.where(np.repeat(where.scored, lengths), src, -1)
+        source[r, c] = np.where(np.repeat(where.scored, lengths) & (within >= np.repeat(where.lead, lengths)), src, -1)
         later = where.slot > 1
         titles[where.row[later], where.col[later] - 1] = self.sep
         grade = np.zeros(num_rows, np.int32)
@@ -273,7 +276,7 @@ class ClassroomPacker:
         col = own[:, None] + np.cumsum(width, axis=1) - taken  # after the separator
         mates = Placements(
             row=r, col=col[r, k], slot=k + 2, start=end[r, k] - taken[r, k], length=taken[r, k],
-            student=student[r, k], scored=np.zeros(len(r), bool),
+            student=student[r, k], scored=np.zeros(len(r), bool), lead=np.zeros(len(r), np.int64),
         )
         first = Placements.of_chunks(chunks, np.arange(B), np.zeros(B, np.int64), np.ones(B, np.int64), anchor_chunk)
         both = Placements.concat([first, mates])
@@ -288,12 +291,21 @@ class ClassroomPacker:
         sample, _ = self.compose(len(rows), self.random_placements(seed, rows))
         return sample
 
-    def eval_layout(self, chunk_mask: np.ndarray | None = None) -> EvalLayout:
-        """The exhaustive, ordered pass over the chunks selected by ``chunk_mask`` (all by default)."""
+    def eval_layout(self, chunk_mask: np.ndarray | None = None, *, lead: bool = False) -> EvalLayout:
+        """The exhaustive, ordered pass over the chunks selected by ``chunk_mask`` (all by default).
+
+        With ``lead``, each chunk but a student's first comes after the student's previous
+        interaction, as context only, so every scored interaction sees the one before it (a row
+        then holds chunks one longer than ``chunks.size``; not with focus rows).
+        """
         chunks, L = self.chunks, self.seq_len
         selected = np.arange(len(chunks)) if chunk_mask is None else np.flatnonzero(chunk_mask)
         if self.context_size is not None:
+            if lead:
+                raise ValueError("lead interactions are not supported with focus rows (context_size)")
             return self._focus_layout(selected)
+        if lead and chunks.size + 1 > L:
+            raise ValueError(f"a chunk of {chunks.size} with its lead interaction does not fit seq_len {L}")
         room = self.data.classroom[chunks.owner[selected]]
         # Classmates' chunks share rows counting back from their latest, so the latest are together.
         from_last = chunks.num_chunks[chunks.owner] - 1 - chunks.rank
@@ -301,7 +313,8 @@ class ClassroomPacker:
         group = np.stack([self.data.classroom[chunks.owner[order]], from_last[order]], 1)
         new_group = np.ones(len(order), bool)
         new_group[1:] = np.any(group[1:] != group[:-1], axis=1)
-        lengths = chunks.length[order].tolist()
+        leads = (chunks.rank[order] > 0).astype(np.int64) if lead else np.zeros(len(order), np.int64)
+        lengths = (chunks.length[order] + leads).tolist()
         row = np.empty(len(order), np.int64)
         col = np.empty(len(order), np.int64)
         slot = np.empty(len(order), np.int64)
@@ -315,7 +328,7 @@ class ClassroomPacker:
             cur = col[i] + n
             s += 1
             row[i], slot[i] = r, s
-        return EvalLayout(self, Placements.of_chunks(chunks, row, col, slot, order), num_rows=r + 1)
+        return EvalLayout(self, Placements.of_chunks(chunks, row, col, slot, order, leads), num_rows=r + 1)
 
     def _focus_layout(self, selected: np.ndarray, block: int = 16384) -> EvalLayout:
         """One focus row per selected chunk, in chunk order; classmates drawn with seed 0."""

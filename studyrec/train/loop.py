@@ -101,8 +101,10 @@ def prepare_run_dir(path: Path) -> None:
         raise PermissionError(f"--output-dir {path} is not writable ({e.strerror}); choose another directory") from None
 
 
-def _packer(data: Interactions, cfg: TrainConfig, vocab: Vocabulary, origin: int, align: str = "start") -> ClassroomPacker:
-    chunks = make_chunks(data, cfg.chunk_size, align)
+def _packer(
+    data: Interactions, cfg: TrainConfig, vocab: Vocabulary, origin: int, align: str = "start", chunk_size: int | None = None
+) -> ClassroomPacker:
+    chunks = make_chunks(data, chunk_size or cfg.chunk_size, align)
     return ClassroomPacker(
         data, chunks, cfg.seq_len, vocab.sep, origin, aligned=cfg.sampler == "aligned", context_size=cfg.classmate_chunk_size
     )
@@ -330,9 +332,12 @@ def final_evaluation(cfg, model, frames, vocab, origin, mesh, global_batch, trac
     if cfg.eval_context == "history":
         joined, scored = dataset.with_history(frames)
         data = dataset.encode(joined, vocab, frames, cfg.classroom_grouping, scored=scored)
-        packer = _packer(data, cfg, vocab, origin, align="end")
+        # Chunks one shorter, each after the student's previous read (context only): the same row
+        # lengths as in training, and no scored read is cut off from the one before it.
+        lead = cfg.classmate_chunk_size is None and cfg.chunk_size > 1
+        packer = _packer(data, cfg, vocab, origin, align="end", chunk_size=cfg.chunk_size - lead)
         chunk_has_scored = np.add.reduceat(data.scored, packer.chunks.start) > 0
-        layout = packer.eval_layout(chunk_has_scored)
+        layout = packer.eval_layout(chunk_has_scored, lead=lead)
     else:
         data = dataset.encode(frames.valid, vocab, frames, cfg.classroom_grouping)
         packer = _packer(data, cfg, vocab, origin)
