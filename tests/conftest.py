@@ -15,3 +15,17 @@ jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE
 from absl import flags  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code():
+    """Frees each module's compiled executables when it ends.
+
+    Every in-process training keeps hundreds of memory maps of compiled code; a whole suite of them
+    reaches the kernel's vm.max_map_count (65530) and aborts inside XLA ("Fatal Python error: Aborted").
+    """
+    yield
+    jax.clear_caches()
