@@ -78,6 +78,24 @@ def _frame(data, rows):
     )
 
 
+def check_flags(cfg: BaselineConfig) -> None:
+    """Rejects flag values that cannot work, before anything is read or written."""
+    ns = tuple(cfg.n_recommendations)
+    if not ns or min(ns) < 1:
+        given = " ".join(map(str, ns)) or "(none)"
+        raise ValueError(f"--n-recommendations {given}: list lengths must be positive integers, one or more (e.g. 1 3 5 10 20)")
+    if cfg.vocab_size < 0:
+        raise ValueError(f"--vocab-size {cfg.vocab_size} is negative; give a title count, or 0 to keep every title")
+    try:
+        path = cfg.run_dir()
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(
+            f"--output-dir {cfg.output_dir!r} has a placeholder other than {{baseline}} ({e!r}); write braces as {{{{ and }}}}"
+        ) from None
+    if not path.strip():
+        raise ValueError("--output-dir is empty; give a directory")
+
+
 def score_baseline(cfg: BaselineConfig):
     """Runs the baseline; returns ``(data, topk, vocab, frames)`` (topk covers data's scored rows)."""
     import numpy as np
@@ -85,15 +103,14 @@ def score_baseline(cfg: BaselineConfig):
     from studyrec.data import dataset
     from studyrec.evaluate.baselines import recommend_baseline
 
+    check_flags(cfg)
     ns = tuple(cfg.n_recommendations)
-    if not ns or min(ns) < 1:
-        raise ValueError(f"--n-recommendations must be positive integers, got {ns}")
     paths = dataset.DataPaths.resolve(cfg.train_data, cfg.valid_data, cfg.student_info, cfg.school_info)
     frames = dataset.Frames.load(paths)
     if frames.valid is None:
         raise ValueError("no validation data to score: give --valid-data")
     vocab = dataset.build_vocab(frames, cfg.vocab_size)
-    k = max(ns)
+    k = min(max(ns), vocab.num_titles)  # a smaller catalogue: every title (hits@n past it are scored on all)
     if cfg.eval_context == "history":
         joined, scored = dataset.with_history(frames)
         data = dataset.encode(joined, vocab, frames, cfg.classroom_grouping, scored=scored)
@@ -118,25 +135,27 @@ def run_baseline(cfg: BaselineConfig):
     from studyrec.data.atomic import write_text_atomic
     from studyrec.evaluate import model_eval
     from studyrec.evaluate.metrics import write_tables
+    from studyrec.train.lock import RunDirectoryLock
 
+    check_flags(cfg)
     out = Path(cfg.run_dir())
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--output-dir {out} is a file; give a directory")
     data, topk, vocab, frames = score_baseline(cfg)
     stats = model_eval.score(data, topk, tuple(cfg.n_recommendations))
     per_student, aggregate = model_eval.tables(stats)
-    out.mkdir(parents=True, exist_ok=True)
-    vocab.save(out / "vocab.json")
-    record = {
-        "config": dataclasses.asdict(cfg),
-        "model": f"baseline:{cfg.baseline}",
-        "time_origin": dataset.time_origin(frames.train),
-        "vocab_size": len(vocab),
-        "eval_context": cfg.eval_context,
-    }
-    write_text_atomic(out / "config.json", json.dumps(record, indent=2))
-    write_tables(out, per_student, aggregate)
-    model_eval.write_recommendations(out / "recommendations.json", data, topk, vocab)
+    with RunDirectoryLock(out):  # creates the directory; refused while another job writes it
+        vocab.save(out / "vocab.json")
+        record = {
+            "config": dataclasses.asdict(cfg),
+            "model": f"baseline:{cfg.baseline}",
+            "time_origin": dataset.time_origin(frames.train),
+            "vocab_size": len(vocab),
+            "eval_context": cfg.eval_context,
+        }
+        write_text_atomic(out / "config.json", json.dumps(record, indent=2))
+        write_tables(out, per_student, aggregate)
+        model_eval.write_recommendations(out / "recommendations.json", data, topk, vocab)
     print(aggregate.to_string(index=False))
     print(f"run directory: {out}")
     return out

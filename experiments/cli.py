@@ -4,6 +4,11 @@ Exit codes: 0 done; 1 an operating-system failure such as a full disk (one ``err
 2 bad input, a flag or a file (one ``error:`` line: what, where, how to fix it); 3 training
 diverged (a non-finite loss; the last good checkpoint is kept); 130 stopped by SIGINT or SIGTERM
 (during training, after saving a checkpoint). ``--debug`` shows the traceback instead.
+
+Compiled steps are cached across runs (a resume or a rerun starts in seconds, not a recompile), in
+``$XDG_CACHE_HOME/studyrec/jax`` (``~/.cache/studyrec/jax`` when XDG_CACHE_HOME is unset); the
+first log line says where. ``STUDYREC_COMPILATION_CACHE`` moves it (a folder) or turns it off
+(``off``); otherwise ``JAX_COMPILATION_CACHE_DIR`` chooses the folder, as JAX's own convention.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -35,17 +41,39 @@ def setup_logging() -> None:
     enable_compilation_cache()
 
 
+CACHE_OFF = ("off", "0", "false", "no", "none")
+"""Values of ``STUDYREC_COMPILATION_CACHE`` that turn the compilation cache off."""
+
+
+def compilation_cache_dir(environ: dict[str, str] | None = None) -> str | None:
+    """Where compiled steps are cached, or None when ``STUDYREC_COMPILATION_CACHE`` turns it off."""
+    env = os.environ if environ is None else environ
+    chosen = env.get("STUDYREC_COMPILATION_CACHE", "").strip()
+    if chosen.lower() in CACHE_OFF and chosen:
+        return None
+    if chosen:
+        return os.path.expanduser(chosen)
+    if env.get("JAX_COMPILATION_CACHE_DIR"):
+        return env["JAX_COMPILATION_CACHE_DIR"]
+    xdg = env.get("XDG_CACHE_HOME", "")
+    base = xdg if os.path.isabs(xdg) else os.path.join(os.path.expanduser("~"), ".cache")  # the XDG rule
+    return os.path.join(base, "studyrec", "jax")
+
+
 def enable_compilation_cache() -> None:
-    """Reuses compiled steps across runs (a resume or a rerun starts in seconds, not a recompile).
-
-    ``JAX_COMPILATION_CACHE_DIR`` chooses the folder; the default is ``~/.cache/studyrec/jax``.
-    """
-    import os
-
+    """Caches compiled steps where ``compilation_cache_dir`` says (or nowhere), and logs where."""
     import jax
 
-    folder = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.expanduser("~/.cache/studyrec/jax")
+    folder = compilation_cache_dir()
+    log = logging.getLogger("studyrec")
+    if folder is None:
+        jax.config.update("jax_compilation_cache_dir", None)  # JAX reads JAX_COMPILATION_CACHE_DIR itself
+        jax.config.update("jax_enable_compilation_cache", False)
+        log.info("compiled steps are not cached (STUDYREC_COMPILATION_CACHE=off)")
+        return
     jax.config.update("jax_compilation_cache_dir", folder)
+    log.info("compiled steps are cached in %s; set STUDYREC_COMPILATION_CACHE to another folder to move it, "
+             "or to off to disable it", folder)
 
 
 def preset_from_argv(argv: list[str], default: str = "default") -> str:

@@ -6,13 +6,12 @@ school_info.csv (the reference schema), then prints the counts and the heuristic
 
 from __future__ import annotations
 
+import datetime as dt
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import tyro
-
-from experiments.cli import run_cli, setup_logging
+from experiments.cli import parse_flags, run_cli, setup_logging
 
 
 @dataclass(frozen=True)
@@ -47,12 +46,37 @@ class Config:
 
 def main(argv: list[str] | None = None) -> None:
     setup_logging()
-    cfg = tyro.cli(Config, args=sys.argv[1:] if argv is None else argv, prog="python -m experiments.generate_data")
+    prog = "python -m experiments.generate_data"
+    cfg = parse_flags(Config, default=None, args=sys.argv[1:] if argv is None else list(argv), prog=prog)
     run_cli(lambda: run(cfg), cfg.debug)
+
+
+def check_flags(cfg: Config) -> None:
+    """Rejects flag values that cannot work, before anything is written."""
+    if cfg.n_students < 1:
+        raise ValueError(f"--n-students {cfg.n_students} must be at least 1")
+    if cfg.n_titles < 4:
+        raise ValueError(f"--n-titles {cfg.n_titles} must be at least 4 (one title per grade band)")
+    if cfg.weeks < 2:
+        raise ValueError(f"--weeks {cfg.weeks} must be at least 2 (training weeks, then --valid-weeks)")
+    if not 1 <= cfg.valid_weeks < cfg.weeks:
+        raise ValueError(f"--valid-weeks {cfg.valid_weeks} must be between 1 and --weeks - 1 = {cfg.weeks - 1}")
+    if cfg.seed < 0:
+        raise ValueError(f"--seed {cfg.seed} must be 0 or above")
+    for flag in ("classroom_effect", "read_prob", "weekend_read_prob", "reread_prob"):
+        value = getattr(cfg, flag)
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"--{flag.replace('_', '-')} {value} must be a probability in [0, 1]")
+    try:
+        dt.date.fromisoformat(cfg.start)
+    except ValueError:
+        raise ValueError(f"--start {cfg.start!r} is not a date; write it as YYYY-MM-DD") from None
 
 
 def run(cfg: Config) -> dict[str, Path]:
     from studyrec.data.generate import generate, heuristic_hits, write
+
+    check_flags(cfg)
 
     data = generate(
         cfg.n_students,

@@ -73,6 +73,10 @@ def recommend(cfg: RecommendConfig) -> None:
         raise ValueError(f"--out {cfg.out}: the extension must be .csv or .json (it picks the format)")
     if cfg.k < 1:
         raise ValueError(f"--k must be at least 1, got {cfg.k}")
+    if cfg.batch_size is not None and cfg.batch_size < 1:
+        raise ValueError(f"--batch-size {cfg.batch_size} must be at least 1 (or omit it to size batches from memory)")
+    if cfg.step is not None and cfg.step < 0:
+        raise ValueError(f"--step {cfg.step} is negative; give a checkpoint step of the run (or omit it for the latest)")
     if not cfg.activity:
         raise ValueError("--activity needs at least one file")
 

@@ -37,11 +37,19 @@ from jaxtyping import Array, Bool, Float, Int
 from tqdm.auto import tqdm
 
 from studyrec.data.classrooms import assign_classrooms
+from studyrec.data.dataset import check_recommend_times
 from studyrec.data.io import load_activity, load_school_info, load_student_info
 from studyrec.data.packing import Sample
 from studyrec.data.vocab import Vocabulary
 from studyrec.models import MODELS, Individual, ModelConfig, Study, build
-from studyrec.train.checkpoint import Checkpoints, CorruptCheckpoint
+from studyrec.train.checkpoint import (
+    CheckpointMismatch,
+    Checkpoints,
+    CorruptCheckpoint,
+    UncommittedCheckpoint,
+    all_finite,
+    describe,
+)
 from studyrec.train.config import TrainConfig
 
 logger = logging.getLogger("studyrec.run")
@@ -53,7 +61,6 @@ title is the student's next read (softmax over the whole output layer; excluded 
 not renormalised)."""
 RECOMMENDATION_COLUMNS = ("StudentID", "rank", "title", "score")
 _ACTIVITY_COLUMNS = ("StudentID", "SHLF_NUM", "timestamp")
-_INT32 = np.iinfo(np.int32)
 _ACTIVATION_BUDGET = 1 << 25  # floats of one batch's widest activations, [rows, seq, max(mlp, heads * seq)]
 _CPU_BATCH = 64  # on CPU small batches stay in cache: 64 rows ran 1.5x faster than 256 (benchmarks.eval_throughput)
 
@@ -116,7 +123,12 @@ def load_run(path: str | os.PathLike, step: int | None = None) -> Run:
 
     Raises:
         FileNotFoundError: the directory, ``config.json``, ``vocab.json`` or any checkpoint is missing.
-        ValueError: the files do not fit together (unknown model, vocabulary size, checkpoint shapes).
+        ValueError: the files do not fit together (unknown model, vocabulary size or titles, checkpoint
+            shapes), or no checkpoint is usable (each step and its problem are named).
+
+    A checkpoint that is not committed (no ``checksums.json``: a save cut short, or one in
+    progress), fails its checksums, cannot be read or holds non-finite numbers is skipped with a
+    warning and the one before it is used. Nothing in the run directory is moved or deleted.
     """
     path = Path(path)
     if not path.exists():
@@ -150,6 +162,7 @@ def load_run(path: str | os.PathLike, step: int | None = None) -> Run:
             f"{vocab_file} has {vocab.num_titles} titles (an output layer of {vocab.logits_size}) but "
             f"{where} says model_config.vocab_size={model_config.vocab_size}; the files come from different runs"
         )
+    _check_fingerprint(vocab, vocab_file, record.get("vocab_fingerprint"), where)
 
     if not (path / "checkpoints").is_dir():
         raise FileNotFoundError(f"{path}: no checkpoints/ directory; refusing to use random weights")
@@ -160,19 +173,14 @@ def load_run(path: str | os.PathLike, step: int | None = None) -> Run:
             raise FileNotFoundError(f"{path}/checkpoints holds no complete checkpoint; refusing to use random weights")
         if step is not None and step not in steps:
             raise FileNotFoundError(f"{path}/checkpoints has no step {step}; available: {steps}")
-        step = _intact_step(checkpoints, steps if step is None else [step])
-        target = _blank_model(name, model_config)
-        try:
-            checkpoints.check_shapes(step, target)
-            model, _, meta = checkpoints.restore(step, target)
-        except Exception as e:  # orbax raises many types; the message says what did not fit
-            raise ValueError(
-                f"{path}: checkpoint {step} does not fit the {name!r} model that config.json describes: {e}"
-            ) from e
+        step, model, meta = _restore_usable(checkpoints, steps if step is None else [step], name, model_config)
     finally:
         checkpoints.close()
     if meta.get("model") not in (None, name):
         raise ValueError(f"{where} says model {name!r} but checkpoint {step} was saved by a {meta['model']!r} run")
+    _check_fingerprint(vocab, vocab_file, meta.get("vocab_fingerprint"), str(checkpoints.step_dir(step)))
+    if record.get("vocab_fingerprint") is None and meta.get("vocab_fingerprint") is None:
+        _warn_unverified(vocab_file)
     return Run(
         path=path,
         model=eqx.nn.inference_mode(model),
@@ -191,17 +199,60 @@ def _blank_model(name: str, config: ModelConfig):
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype) if isinstance(s, jax.ShapeDtypeStruct) else s, abstract)
 
 
-def _intact_step(checkpoints: Checkpoints, steps: list[int]) -> int:
-    """The newest of ``steps`` whose files match their checksums; damaged ones are named, not moved."""
+def _check_fingerprint(vocab: Vocabulary, vocab_file: Path, saved: str | None, source: str) -> None:
+    """Refuses a vocab.json whose titles differ from those the run trained with (recorded in ``source``)."""
+    if saved is not None and saved != vocab.fingerprint:
+        raise ValueError(
+            f"{vocab_file} does not hold the titles that {source} was trained with (its vocabulary fingerprint "
+            f"{vocab.fingerprint[:12]} differs from the recorded {str(saved)[:12]}); the files come from different "
+            "runs or vocab.json was edited: restore the vocab.json that training wrote"
+        )
+
+
+@functools.cache
+def _warn_unverified(vocab_file: Path) -> None:
+    logger.warning(
+        "%s cannot be verified: the run was saved before studyrec recorded vocabulary fingerprints", vocab_file
+    )
+
+
+def _restore_usable(checkpoints: Checkpoints, steps: list[int], name: str, config: ModelConfig):
+    """``(step, model, meta)`` of the newest of ``steps`` that is committed, intact and finite.
+
+    The others are named in warnings (never moved: the run may be live); when none is usable, one
+    ValueError names each step and its problem.
+    """
     problems = []
+    target = _blank_model(name, config)
     for step in reversed(steps):
         try:
-            checkpoints.verify(step)
-            return step
-        except CorruptCheckpoint as e:
-            logger.warning("checkpoint %s is damaged (%s); trying the one before", checkpoints.step_dir(step), e)
-            problems.append(str(e))
-    raise ValueError(f"{checkpoints.directory}: no intact checkpoint among steps {steps} ({'; '.join(problems)})")
+            model, meta = _restore_checked(checkpoints, step, target)
+            return step, model, meta
+        except CheckpointMismatch as e:
+            raise ValueError(
+                f"{checkpoints.directory.parent}: checkpoint {step} does not fit the {name!r} model that config.json "
+                f"describes: {e}"
+            ) from None
+        except UncommittedCheckpoint:
+            problem = "is not committed (no checksums.json: a save cut short, or one in progress)"
+        except Exception as e:  # noqa: BLE001 - orbax and TensorStore raise many types; any means unusable
+            problem = f"is damaged ({describe(e, limit=160)})"
+        logger.warning("checkpoint %s %s; trying the one before", checkpoints.step_dir(step), problem)
+        problems.append(f"step {step} {problem}")
+    raise ValueError(
+        f"{checkpoints.directory}: no intact checkpoint among steps {steps} ({'; '.join(problems)}); "
+        "refusing to use random weights"
+    )
+
+
+def _restore_checked(checkpoints: Checkpoints, step: int, target):
+    """Verifies, restores and checks one checkpoint: ``(model, meta)``."""
+    checkpoints.verify(step)
+    checkpoints.check_shapes(step, target)
+    model, _, meta = checkpoints.restore(step, target)
+    if not all_finite(model):
+        raise CorruptCheckpoint("its parameters hold non-finite (NaN or infinite) numbers")
+    return model, meta
 
 
 # --- inputs --------------------------------------------------------------------------------------
@@ -645,7 +696,8 @@ class Run:
 
         top = np.concatenate(tops) if tops else np.zeros((0, k), np.int32)
         score = np.concatenate(scores) if scores else np.zeros((0, k), np.float32)
-        keep = np.isfinite(score).ravel()
+        self._check_scores(score, history.students[query], read)
+        keep = np.isfinite(score).ravel()  # -inf: fewer than k titles left after exclude_read
         out = pd.DataFrame(
             {
                 "StudentID": np.repeat(history.students[query], k)[keep],
@@ -726,13 +778,28 @@ class Run:
         start = np.searchsorted(sids, everyone, side="left")
         count = np.searchsorted(sids, everyone, side="right") - start
         classroom, grade = assign_classrooms(everyone, info, schools, self.config.classroom_grouping)
-        relative = np.concatenate([stamps, [as_of_s]]) - self.time_origin
-        if relative.min() < _INT32.min or relative.max() > _INT32.max:
-            raise ValueError("the activity or as_of lies more than 68 years from the run's time origin")
+        check_recommend_times(frame, self.time_origin, as_of_s, as_of)
         history = _History(titles, stamps, everyone, start.astype(np.int64), count.astype(np.int64), classroom, grade)
         as_of_text = pd.Timestamp(as_of_s, unit="s", tz="UTC").isoformat()
         attrs = {"as_of": as_of_text, "ignored_rows": ignored, "unknown_title_rows": n_unknown, "unknown_titles": n_distinct}
         return history, as_of_s, attrs
+
+    def _check_scores(self, score: np.ndarray, students: np.ndarray, read) -> None:
+        """Refuses NaN or +inf scores, and a student left without any title though some remain unread.
+
+        Finite weights give finite log-probabilities; anything else means damaged parameters, which
+        must not pass for "no recommendation".
+        """
+        read_count = np.diff(read[0], axis=1)[:, 0] if read is not None else np.zeros(len(score), np.int64)
+        best = score.max(axis=1, initial=-np.inf)
+        left_out = np.isnan(score).any(axis=1) | (score == np.inf).any(axis=1)
+        left_out |= (best == -np.inf) & (read_count < self.vocab.num_titles)
+        if left_out.any():
+            raise ValueError(
+                f"the model of {self.path} (checkpoint {self.step}) gives no valid score to {int(left_out.sum())} of "
+                f"{len(score)} students (StudentID {int(students[np.argmax(left_out)])}, for one): its parameters "
+                "are damaged; load an earlier checkpoint (--step) or retrain"
+            )
 
     def _read_titles(self, history: _History, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Each queried student's distinct real titles read before ``as_of``: (bounds [R, 2], titles)."""

@@ -8,6 +8,7 @@ train end to end, and a run directory resumed with other flags or data is refuse
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -20,7 +21,7 @@ import pytest
 
 from experiments.cli import summarise_tyro_error
 from experiments.train import main
-from studyrec.data.io import load_activity, load_student_info
+from studyrec.data.io import DataError, load_activity, load_school_info, load_student_info
 
 ROOT = Path(__file__).resolve().parents[1]
 BAD = Path(__file__).parent / "data" / "bad"
@@ -58,7 +59,9 @@ def error_line(err: str) -> str:
 
 
 def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns) for p in directory.rglob("*")}
+    """Every entry's size and time, but the lock file's (a refused resume held the lock while it checked)."""
+    return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns) for p in directory.rglob("*")
+            if p.name != ".lock"}
 
 
 # (files swapped in, fragments the error line must contain)
@@ -274,3 +277,243 @@ def test_cli_flag_error(tmp_path):
     fsdp = cli(*argv(tmp_path / "run", "--fsdp", "3"), devices=8)
     assert fsdp.returncode == 2 and "--fsdp 3 does not divide the 8 devices" in error_line(fsdp.stderr)
     assert not (tmp_path / "run").exists()
+
+
+# --- duplicated header columns ------------------------------------------------------------------------
+
+
+def duplicate_column(source: Path, target: Path, column: str, written_as: str | None = None) -> Path:
+    """A copy of ``source`` with ``column`` repeated as its last column, headed ``written_as`` (default: the same)."""
+    frame = pd.read_csv(source, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    names = [*frame.columns, written_as or column]
+    if target.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        arrays = [pa.array(frame[name].tolist()) for name in [*frame.columns, column]]
+        pq.write_table(pa.Table.from_arrays(arrays, names=names), target)
+    else:
+        repeated = frame[[*frame.columns, column]]
+        repeated.columns = names
+        repeated.to_csv(target, index=False)
+    return target
+
+
+def positions_of(path: Path, column: str) -> list[str]:
+    """The 'column N' fragments the error must list: every header name equal to ``column`` up to case and spaces."""
+    header = next(csv.reader(path.open(encoding="utf-8-sig")))
+    return [f"(column {i + 1})" for i, name in enumerate(header) if name.strip().lower() == column.lower()]
+
+
+LOADERS = [
+    pytest.param("activity.csv", "Date", load_activity, id="activity-Date"),
+    pytest.param("activity.csv", "Seconds Read", load_activity, id="activity-optional-Seconds-Read"),
+    pytest.param("students.csv", "GRADE_LVL_NBR", load_student_info, id="student-info"),
+    pytest.param("schools.csv", "OrgnID", load_school_info, id="school-info"),
+]
+
+
+@pytest.mark.parametrize("source, column, loader", LOADERS)
+@pytest.mark.parametrize("written_as", [None, " {}", "{} ", "{}"], ids=["same", "leading-space", "trailing-space",
+                                                                        "other-case"])
+def test_duplicated_header_column_names_file_line_and_positions(tmp_path, source, column, loader, written_as):
+    name = written_as.format(column.lower() if written_as == "{}" else column) if written_as else None
+    path = duplicate_column(BAD / source, tmp_path / f"dup_{source}", column, name)
+    with pytest.raises(DataError) as error:
+        loader(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}:1: column '{column}':"), message
+    fragments = positions_of(path, column)
+    assert len(fragments) == 2
+    for fragment in fragments:
+        assert fragment in message, message
+    assert "appears once" in message
+
+
+def test_duplicated_column_in_parquet_names_the_file_and_positions(tmp_path):
+    path = duplicate_column(BAD / "activity.csv", tmp_path / "activity.parquet", "Date")
+    with pytest.raises(DataError) as error:
+        load_activity(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}: column 'Date':") and "(column 3)" in message and "(column 5)" in message
+
+
+def test_repeated_columns_that_are_not_read_are_allowed(tmp_path):
+    path = tmp_path / "trailing_commas.csv"
+    path.write_text("StudentID,SHLF_NUM,Date,,\n101,T1,2023-01-01,,\n101,T2,2023-01-02,,\n")
+    assert load_activity(path)["SHLF_NUM"].tolist() == ["T1", "T2"]
+
+
+DUPLICATED = [  # (file key, fixture, column repeated)
+    ("train", "activity.csv", "Date"),
+    ("valid", "valid.csv", "SHLF_NUM"),
+    ("students", "students.csv", "StudentID"),
+    ("schools", "schools.csv", "Parent_Building_ID"),
+]
+
+
+def baselines_argv(out: Path, **files: str) -> list[str]:
+    """experiments.baselines on the good fixture files, with some of them swapped (absolute paths)."""
+    chosen = {key: str(BAD / name) for key, name in {**GOOD, **files}.items()}
+    return ["--baseline", "popularity", "--output-dir", str(out), "--train-data", chosen["train"], "--valid-data",
+            chosen["valid"], "--student-info", chosen["students"], "--school-info", chosen["schools"]]
+
+
+def run_baselines(args: list[str], capsys) -> tuple[int, str]:
+    from experiments.baselines import main as baselines_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        baselines_main(args)
+    return exit_info.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("key, source, column", DUPLICATED, ids=[d[0] for d in DUPLICATED])
+@pytest.mark.parametrize("command", ["train", "baselines"])
+def test_duplicated_column_stops_training_and_baselines(tmp_path, capsys, command, key, source, column):
+    path = duplicate_column(BAD / source, tmp_path / f"dup_{source}", column)
+    out = tmp_path / "run"
+    if command == "train":
+        code, err = run_main(argv(out, **{key: str(path)}), capsys)
+    else:
+        code, err = run_baselines(baselines_argv(out, **{key: str(path)}), capsys)
+    line = error_line(err)
+    assert code == 2, err
+    assert f"{path}:1: column '{column}'" in line and "twice" in line, line
+    assert not out.exists()
+
+
+def recommend_argv(run: Path, out: Path, activity: Path, *extra: str, **files: Path) -> list[str]:
+    students, schools = files.get("students", BAD / "odd_students.csv"), files.get("schools", BAD / "schools.csv")
+    return ["--run", str(run), "--activity", str(activity), "--student-info", str(students), "--school-info",
+            str(schools), "--out", str(out), "--k", "2", *extra]
+
+
+@pytest.fixture
+def odd_copy(odd_run, tmp_path) -> Path:
+    """A private copy of the odd run, so that recommending from it cannot change what the resume tests see."""
+    target = tmp_path / "odd_copy"
+    shutil.copytree(odd_run, target)
+    return target
+
+
+def run_recommend(args: list[str], capsys) -> tuple[int, str]:
+    from experiments.recommend import main as recommend_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        recommend_main(args)
+    return exit_info.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("key, source, column", [("activity", "odd_activity.csv", "StudentID"),
+                                                  ("students", "odd_students.csv", "OrgnID"),
+                                                  ("schools", "schools.csv", "OrgnID")])
+def test_duplicated_column_stops_recommend(odd_copy, tmp_path, capsys, key, source, column):
+    path = duplicate_column(BAD / source, tmp_path / f"dup_{source}", column)
+    files = {key: path} if key != "activity" else {}
+    activity = path if key == "activity" else BAD / "odd_activity.csv"
+    out = tmp_path / "recs.csv"
+    code, err = run_recommend(recommend_argv(odd_copy, out, activity, **files), capsys)
+    line = error_line(err)
+    assert code == 2, err
+    assert f"{path}:1: column '{column}'" in line and "twice" in line, line
+    assert not out.exists()
+
+
+def test_cli_duplicated_column_exit_code(tmp_path):
+    path = duplicate_column(BAD / "activity.csv", tmp_path / "dup.csv", "Date")
+    result = cli(*argv(tmp_path / "run", train=str(path)))
+    assert result.returncode == 2, result.stderr
+    assert f"{path}:1: column 'Date'" in error_line(result.stderr)
+
+
+# --- dates the model cannot represent (int32 seconds around the time origin) -----------------------------
+
+
+def with_row(source: Path, target: Path, row: str, line: int) -> Path:
+    """A copy of ``source`` with ``row`` inserted as its physical line ``line``."""
+    lines = source.read_text(encoding="utf-8").splitlines(keepends=True)
+    lines.insert(line - 1, row + "\n")
+    target.write_text("".join(lines), encoding="utf-8")
+    return target
+
+
+FAR_DATES = [  # (file key, fixture, inserted row, its line)
+    pytest.param("train", "activity.csv", "102,T9,1901-01-01,5", 4, id="train-1901"),
+    pytest.param("train", "activity.csv", "103,T9,2200-01-01,5", 7, id="train-2200"),
+    pytest.param("valid", "valid.csv", "101,T9,1901-01-01,5", 6, id="valid-1901"),
+]
+
+
+@pytest.mark.parametrize("key, source, row, line", FAR_DATES)
+@pytest.mark.parametrize("command", ["train", "baselines"])
+def test_date_far_from_the_rest_names_file_line_and_column(tmp_path, capsys, command, key, source, row, line):
+    path = with_row(BAD / source, tmp_path / f"far_{source}", row, line)
+    out = tmp_path / "run"
+    if command == "train":
+        code, err = run_main(argv(out, **{key: str(path)}), capsys)
+    else:
+        code, err = run_baselines(baselines_argv(out, **{key: str(path)}), capsys)
+    message = error_line(err)
+    assert code == 2, err
+    date = row.split(",")[2]
+    assert f"{path}:{line}: column 'Date': date '{date}'" in message, message
+    assert "68 years" in message and "drop or correct the row" in message
+    assert not out.exists()
+
+
+def test_second_training_file_is_named(tmp_path, capsys):
+    second = with_row(BAD / "valid.csv", tmp_path / "more.csv", "104,T9,1901-01-01,5", 3)
+    out = tmp_path / "run"
+    args = argv(out) + ["--train-data", str(BAD / "activity.csv"), str(second)]
+    code, err = run_main(args, capsys)
+    assert code == 2 and f"{second}:3: column 'Date'" in error_line(err), err
+
+
+def test_a_date_decades_away_loads_and_packs(tmp_path):
+    from studyrec.data import dataset
+    from studyrec.data.interactions import make_chunks
+    from studyrec.data.packing import ClassroomPacker
+
+    path = with_row(BAD / "activity.csv", tmp_path / "old.csv", "102,T9,1990-06-01,5", 4)
+    frames = dataset.Frames.load(dataset.DataPaths((str(path),), (str(BAD / "valid.csv"),), None, None))
+    origin = dataset.time_origin(frames.train)
+    assert origin == int(pd.Timestamp("1990-06-01", tz="UTC").timestamp())
+    vocab = dataset.build_vocab(frames, None)
+    for frame in (frames.train, frames.valid):
+        data = dataset.encode(frame, vocab, frames, "none")
+        ClassroomPacker(data, make_chunks(data, 16), 64, vocab.sep, origin)
+
+
+@pytest.mark.slow
+def test_a_date_decades_away_still_trains(tmp_path):
+    path = with_row(BAD / "activity.csv", tmp_path / "old.csv", "102,T9,1990-06-01,5", 4)
+    out = tmp_path / "run"
+    main(argv(out, "--n-recommendations", "1", "3", train=str(path)))
+    config = json.loads((out / "config.json").read_text())
+    assert config["time_origin"] == int(pd.Timestamp("1990-06-01", tz="UTC").timestamp())
+
+
+def test_recommend_names_the_far_row_of_its_activity(odd_copy, tmp_path, capsys):
+    path = with_row(BAD / "odd_activity.csv", tmp_path / "far.csv", "101,007,1901-01-01,5", 5)
+    out = tmp_path / "recs.csv"
+    code, err = run_recommend(recommend_argv(odd_copy, out, path), capsys)
+    message = error_line(err)
+    assert code == 2, err
+    assert f"{path}:5: column 'Date': date '1901-01-01'" in message and "time origin 2023-01-01" in message
+    assert not out.exists()
+
+
+def test_recommend_refuses_an_as_of_outside_the_window(odd_copy, tmp_path, capsys):
+    out = tmp_path / "recs.csv"
+    code, err = run_recommend(recommend_argv(odd_copy, out, BAD / "odd_activity.csv", "--as-of", "1901-01-01"), capsys)
+    message = error_line(err)
+    assert code == 2 and "as_of '1901-01-01'" in message and "2091-01-19" in message, err
+
+
+def test_recommend_on_a_frame_names_the_row(odd_copy):
+    from studyrec.run import load_run
+
+    frame = pd.DataFrame({"StudentID": [101, 101], "SHLF_NUM": ["007", "7"],
+                          "timestamp": [int(pd.Timestamp(d, tz="UTC").timestamp()) for d in ("2023-01-02", "2200-01-01")]})
+    with pytest.raises(ValueError, match=r"activity row 1 \(StudentID 101\): column 'Date': date '2200-01-01'"):
+        load_run(odd_copy).recommend(frame, as_of="2200-06-01")

@@ -265,8 +265,10 @@ def test_restore_latest_falls_back_past_a_damaged_checkpoint(tmp_path, caplog, d
     assert (step, meta["step"]) == (2, 2)
     np.testing.assert_array_equal(params["w"], tree(2)["w"])
     np.testing.assert_array_equal(opt_state["b"], tree(-2)["b"])
-    assert f"{tmp_path / 'checkpoints' / '3'} is damaged" in caplog.text and "corrupt-3" in caplog.text
-    assert checkpoints.steps() == [1, 2] and (tmp_path / "checkpoints" / "corrupt-3").is_dir()
+    unsealed = damage is damage_metadata_unsealed  # no checksums.json: never committed, not damaged
+    reason, aside = ("was never committed", "uncommitted-3") if unsealed else ("is damaged", "corrupt-3")
+    assert f"{tmp_path / 'checkpoints' / '3'} {reason}" in caplog.text and aside in caplog.text
+    assert checkpoints.steps() == [1, 2] and (tmp_path / "checkpoints" / aside).is_dir()
     checkpoints.save(3, params, opt_state, meta)  # training goes on and writes step 3 again
     checkpoints.close()
     assert Checkpoints(tmp_path).restore_latest(tree(0), tree(0))[0] == 3

@@ -16,7 +16,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
 from pandas.api.types import union_categoricals
 
 logger = logging.getLogger("studyrec.data")
@@ -32,12 +33,14 @@ ACTIVITY_COLUMNS = ("StudentID", "SHLF_NUM", "Date")
 SECONDS_READ = "Seconds Read"
 STUDENT_INFO_COLUMNS = ("StudentID", "OrgnID", "GRADE_LVL_NBR")
 SCHOOL_INFO_COLUMNS = ("OrgnID", "Parent_Building_ID")
+SOURCE_FILES = "source_files"
 
 _PARQUET_SUFFIXES = (".parquet", ".pq")
 _MIN_DATE = pd.Timestamp("1900-01-01", tz="UTC")
 _END_DATE = pd.Timestamp("2201-01-01", tz="UTC")  # exclusive: 2200-12-31 is the last valid day
 _INT64_MAX = str(np.iinfo(np.int64).max)
 _DATE_HELP = "expected YYYY-MM-DD or an ISO datetime"
+_INT32 = np.iinfo(np.int32)
 
 
 class DataError(ValueError):
@@ -196,8 +199,13 @@ def _diagnose_csv(path: Path, exc: Exception) -> DataError:
     return DataError(path, f"cannot be parsed as CSV: {exc}")
 
 
-def _read_table(path: str | os.PathLike, required: Sequence[str], integers: Sequence[str] = ()) -> _Table:
-    """Reads one file (CSV fields as strings, but ``integers`` columns as int64 when they all are); checks existence, emptiness and columns."""
+def _read_table(
+    path: str | os.PathLike, required: Sequence[str], integers: Sequence[str] = (), optional: Sequence[str] = ()
+) -> _Table:
+    """Reads one file (CSV fields as strings, but ``integers`` columns as int64 when they all are); checks existence, emptiness and columns.
+
+    ``optional`` names columns that are read when present, so that they must not be duplicated either.
+    """
     path = Path(path)
     if not path.exists():
         raise DataError(path, f"file not found (resolved to {path.resolve()})")
@@ -208,9 +216,13 @@ def _read_table(path: str | os.PathLike, required: Sequence[str], integers: Sequ
     is_csv = path.suffix.lower() not in _PARQUET_SUFFIXES
     try:
         if is_csv:
+            _check_unique_columns(path, _csv_header(path, strip=False), (*required, *optional), is_csv)
             frame = _read_csv_categorical(path, integers)
         else:
+            _check_unique_columns(path, pq.read_schema(path).names, (*required, *optional), is_csv)
             frame = pd.read_parquet(path)
+    except DataError:
+        raise
     except Exception as e:
         if not is_csv:
             raise DataError(path, f"cannot be read as Parquet: {e}") from e
@@ -222,6 +234,34 @@ def _read_table(path: str | os.PathLike, required: Sequence[str], integers: Sequ
     if len(frame) == 0:
         raise DataError(path, "has a header but no data rows", line=1 if is_csv else None)
     return _Table(path, frame, is_csv)
+
+
+def _check_unique_columns(path: Path, raw_names: Sequence[str], used: Sequence[str], is_csv: bool) -> None:
+    """Raises when a column the loader reads is named twice, or twice up to case (which one is meant?).
+
+    Names are compared without surrounding spaces, as they are read; repeats among the columns that are
+    not read (such as the empty names of trailing commas) are harmless and allowed.
+    """
+    names = [str(n).strip().lstrip("\ufeff") for n in raw_names]
+    for column in used:
+        positions = [i for i, n in enumerate(names) if n.casefold() == column.casefold()]
+        if len(positions) < 2 or column not in (names[i] for i in positions):
+            continue
+        listed = " and ".join(f"{raw_names[i]!r} (column {i + 1})" for i in positions)
+        source = "header" if is_csv else "schema"
+        if len({names[i] for i in positions}) > 1:
+            what = f"the {source} has {listed}, which differ only by case, so it is unclear which one holds '{column}'"
+        else:
+            times = "twice" if len(positions) == 2 else f"{len(positions)} times"
+            what = f"the {source} names column '{column}' {times}: {listed}"
+            if len({raw_names[i] for i in positions}) > 1:
+                what += " (surrounding spaces are ignored)"
+        raise DataError(
+            path,
+            f"{what}; rename or remove the extra column(s) so that '{column}' appears once",
+            line=1 if is_csv else None,
+            column=column,
+        )
 
 
 def _check_columns(path: Path, found: list[str], required: Sequence[str], is_csv: bool) -> None:
@@ -402,7 +442,12 @@ def _parse_grades(series: pd.Series, column: str) -> tuple[pd.Series, _Problem |
 
 
 def _load_activity_file(path: str | os.PathLike) -> pd.DataFrame:
-    table = _read_table(path, ACTIVITY_COLUMNS, integers=("StudentID",))
+    return _activity_table(path)[1]
+
+
+def _activity_table(path: str | os.PathLike) -> tuple[_Table, pd.DataFrame]:
+    """One activity file, raw (to point at lines) and validated, rows in file order."""
+    table = _read_table(path, ACTIVITY_COLUMNS, integers=("StudentID",), optional=(SECONDS_READ,))
     frame = table.frame
     ids, p_id = _parse_ids(frame["StudentID"], "StudentID", "StudentID")
     titles, p_title = _parse_titles(frame["SHLF_NUM"], "SHLF_NUM")
@@ -414,7 +459,7 @@ def _load_activity_file(path: str | os.PathLike) -> pd.DataFrame:
         problems.append(p_read)
         out[SECONDS_READ] = read
     _raise_first(table, problems)
-    return pd.DataFrame(out)
+    return table, pd.DataFrame(out)
 
 
 def load_activity(*paths: str | os.PathLike) -> pd.DataFrame:
@@ -423,7 +468,8 @@ def load_activity(*paths: str | os.PathLike) -> pd.DataFrame:
     Returns:
         A new frame with ``StudentID`` (int64), ``SHLF_NUM`` (a Categorical of str), ``timestamp`` (int64 seconds
         since 1970 UTC) and ``Seconds Read`` when any file has it, stably sorted by
-        ``(StudentID, timestamp)`` so that same-time rows keep their file order.
+        ``(StudentID, timestamp)`` so that same-time rows keep their file order. ``attrs["source_files"]``
+        lists the paths, so that a later check can point at a file and line (see :func:`dates_outside`).
     """
     if not paths:
         raise TypeError("load_activity() needs at least one path")
@@ -437,7 +483,56 @@ def load_activity(*paths: str | os.PathLike) -> pd.DataFrame:
     if len(frames) > 1:  # concat turns categoricals with different categories into objects
         activity["SHLF_NUM"] = union_categoricals([f["SHLF_NUM"] for f in frames], ignore_order=True)
     order = student_time_order(activity["StudentID"].to_numpy(), activity["timestamp"].to_numpy())
-    return activity if order is None else activity.iloc[order].reset_index(drop=True)
+    if order is not None:
+        activity = activity.iloc[order].reset_index(drop=True)
+    activity.attrs[SOURCE_FILES] = tuple(str(p) for p in paths)
+    return activity
+
+
+def time_window(origin: int) -> tuple[int, int]:
+    """The first and last second the model can represent: int32 offsets from ``origin`` (±68 years)."""
+    return origin + int(_INT32.min), origin + int(_INT32.max)
+
+
+def moment_text(seconds: int) -> str:
+    """``YYYY-MM-DD``, with the time of day (UTC) when it is not midnight."""
+    stamp = pd.Timestamp(int(seconds), unit="s", tz="UTC")
+    return stamp.strftime("%Y-%m-%d") if int(seconds) % 86400 == 0 else stamp.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def dates_outside(
+    activity: pd.DataFrame, lo: int, hi: int, describe: Callable[[str, int], str], *, before: int | None = None
+) -> ValueError | None:
+    """The error for the first row, in file order, dated outside ``[lo, hi]``, or None when there is none.
+
+    Only rows before ``before`` count when it is given. ``describe(date, count)`` words the problem for
+    a row's date as written, ``count`` rows being outside. The row is found again in the files
+    ``load_activity`` read (``attrs["source_files"]``), on this error path only, to name its line; a
+    frame built in memory gets its row label instead.
+    """
+    stamps = activity["timestamp"].to_numpy(np.int64)
+    outside = (stamps < lo) | (stamps > hi)
+    if before is not None:
+        outside &= stamps < before
+    count = int(outside.sum())
+    if not count:
+        return None
+    bad_rows = _row_keys(activity.loc[outside])  # a file row is named only if the frame still holds it
+    for path in activity.attrs.get(SOURCE_FILES, ()):
+        table, frame = _activity_table(path)
+        bad = np.flatnonzero(_row_keys(frame).isin(bad_rows))
+        if len(bad):
+            raw = str(table.frame["Date"].iloc[int(bad[0])]).strip()
+            return table.error(int(bad[0]), "Date", describe(raw, count))
+    row = int(np.flatnonzero(outside)[0])
+    student, stamp = activity["StudentID"].iloc[row], int(activity["timestamp"].iloc[row])
+    return ValueError(
+        f"activity row {activity.index[row]} (StudentID {student}): column 'Date': {describe(moment_text(stamp), count)}"
+    )
+
+
+def _row_keys(activity: pd.DataFrame) -> pd.MultiIndex:
+    return pd.MultiIndex.from_arrays([activity["StudentID"].to_numpy(), activity["timestamp"].to_numpy()])
 
 
 def student_time_order(students: np.ndarray, times: np.ndarray) -> np.ndarray | None:

@@ -130,7 +130,11 @@ class ClassroomPacker:
             )
         relative = data.timestamps - time_origin
         if len(relative) and (relative.min() < _INT32.min or relative.max() > _INT32.max):
-            raise ValueError("timestamps span more than ±68 years around the time origin")
+            # a last resort: dataset.check_representable names the file and line of such a row first
+            raise ValueError(
+                f"timestamps span more than ±68 years around the time origin {time_origin} (seconds since 1970): "
+                "int32 cannot hold them; check the data with studyrec.data.dataset.check_representable"
+            )
         self.data, self.chunks, self.seq_len, self.sep = data, chunks, seq_len, sep
         self.time_origin = int(time_origin)
         self._relative = relative.astype(np.int32)

@@ -6,6 +6,7 @@ keep first-seen order), ``K+1`` ``<SEP>``, ``K+2`` OOV. The model's output width
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -20,6 +21,23 @@ SEP = "<SEP>"
 OOV = "<OOV>"
 UNDEF = "<UNDEF>"
 PAD = 0
+
+
+def _check_layout(index: dict[str, int], oov: int) -> None:
+    """Raises ValueError unless the layout is dense: titles ``1..K``, ``<SEP>`` ``K+1``, OOV ``K+2``."""
+    K = len(index) - 1
+    if index[SEP] != K + 1:
+        raise ValueError(f"{SEP} has index {index[SEP]}, but with {K} titles it must be {K + 1}")
+    if oov != K + 2:
+        raise ValueError(f"oov is {oov}, but with {K} titles it must be {K + 2}")
+    titles = [v for k, v in index.items() if k != SEP]
+    outside = [v for v in titles if not 1 <= v <= K]
+    if outside:
+        raise ValueError(f"title index {outside[0]} is outside 1..{K} (titles must be numbered 1..K without gaps)")
+    counts = np.bincount(np.asarray(titles, dtype=np.int64), minlength=K + 1)
+    shared = np.flatnonzero(counts > 1)
+    if shared.size:
+        raise ValueError(f"index {shared[0]} is used by {counts[shared[0]]} titles; each index must be used once")
 
 
 class Vocabulary:
@@ -38,6 +56,7 @@ class Vocabulary:
             raise ValueError(f"the vocabulary has no {SEP} token")
         self._index = {str(k): int(v) for k, v in mapping.items()}
         self.oov = int(oov)
+        _check_layout(self._index, self.oov)  # before allocating max index + 1 slots
         size = max(max(self._index.values()), self.oov) + 1
         self._tokens = np.full(size, UNDEF, dtype=object)
         for token, index in self._index.items():
@@ -112,6 +131,12 @@ class Vocabulary:
         inside = (indices >= 0) & (indices < len(self._tokens))
         return np.where(inside, self._tokens[np.where(inside, indices, 0)], UNDEF)
 
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 of the canonical JSON of the index and OOV slot: equal exactly for equal vocabularies."""
+        canonical = json.dumps({"oov": self.oov, "vocab": self._index}, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
     def to_json(self) -> str:
         """The reference's ``vocab.json`` layout: values as strings, ``indent=2``."""
         return json.dumps(
@@ -121,7 +146,9 @@ class Vocabulary:
     @classmethod
     def from_json(cls, text: str) -> Vocabulary:
         data = json.loads(text)
-        return cls({k: int(v) for k, v in data["vocab"].items()}, oov=int(data["oov"]))
+        if not isinstance(data, dict) or not isinstance(data.get("vocab"), dict) or "oov" not in data:
+            raise ValueError('expected an object {"oov": ..., "vocab": {title: index, ...}}')
+        return cls({k: _index_value(k, v) for k, v in data["vocab"].items()}, oov=_index_value("oov", data["oov"]))
 
     def save(self, path: str | os.PathLike) -> None:
         write_text_atomic(path, self.to_json())
@@ -133,5 +160,22 @@ class Vocabulary:
             return cls.from_json(path.read_text())
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: vocabulary file not found") from None
+        except UnicodeDecodeError:
+            raise ValueError(
+                f"{path}: not a valid vocab.json (not UTF-8 text); restore the vocab.json that training wrote"
+            ) from None
         except (KeyError, ValueError, TypeError) as e:
-            raise ValueError(f"{path}: not a valid vocab.json ({e})") from None
+            text = " ".join(str(e).split())
+            raise ValueError(
+                f"{path}: not a valid vocab.json ({text[:300]}); restore the vocab.json that training wrote"
+            ) from None
+
+
+def _index_value(key: str, value) -> int:
+    """An index written as an integer or a string of digits (the reference writes strings)."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"the index of {key!r} is {value!r}, not an integer")
+    text = str(value).strip()
+    if not (text.isascii() and text.isdigit()) or len(text) > 18:
+        raise ValueError(f"the index of {key!r} is {value!r}, not a non-negative integer")
+    return int(text)

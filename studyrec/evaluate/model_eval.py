@@ -38,10 +38,12 @@ def predict_topk(
     global_batch: int,
     progress: bool = False,
 ) -> np.ndarray:
-    """int32 [N, k]: the k best titles before each interaction of the pass (0 where not covered).
+    """int32 [N, min(k, num_titles)]: the best titles before each interaction of the pass (0 where not
+    covered); a catalogue of fewer than k titles gives every title.
 
     Each process packs and scores its slice of every batch; results are gathered once per batch.
     """
+    k = min(k, num_titles)
     dataset = eval_batches(
         layout, global_batch=global_batch, process_index=jax.process_index(), process_count=jax.process_count()
     )
@@ -56,12 +58,18 @@ def predict_topk(
 
 
 def score(data: Interactions, topk: np.ndarray, ns: tuple[int, ...]) -> StudentStats:
-    """Sufficient statistics over the scored interactions; OOV targets count but never hit."""
+    """Sufficient statistics over the scored interactions; OOV targets count but never hit.
+
+    Lists shorter than ``max(ns)`` (a catalogue of fewer titles) are scored as if padded with
+    misses, so hits@n past the catalogue is hits over the whole list.
+    """
     masks = subset_masks(data.student_ids, data.title_codes)  # subsets see the whole history
     scored = data.scored
-    ranks = target_ranks(topk[scored], data.titles[scored])
+    width = max(topk.shape[1], *ns)
+    lists = np.pad(topk[scored], ((0, 0), (0, width - topk.shape[1])))  # 0 is padding, never a target
+    ranks = target_ranks(lists, data.titles[scored])
     return StudentStats.from_ranks(
-        data.student_ids[scored], ranks, {name: m[scored] for name, m in masks.items()}, ns, k=topk.shape[1]
+        data.student_ids[scored], ranks, {name: m[scored] for name, m in masks.items()}, ns, k=width
     )
 
 

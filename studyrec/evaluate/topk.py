@@ -29,15 +29,19 @@ def target_ranks_jax(
     Arguments:
         logits: scores over the catalogue.
         targets: the id actually read; a disallowed id (e.g. OOV) is never found.
-        k: list length; it should not exceed the number of allowed ids.
+        k: list length. With fewer allowed ids than k, the list holds them all and ends in -1.
         allowed: ids that may be recommended (see :func:`title_mask`); all when None.
 
     Returns:
         ``(topk, ranks)``, both int32.
     """
+    width = min(k, logits.shape[-1])
     if allowed is not None:
         logits = jnp.where(jnp.broadcast_to(allowed, logits.shape), logits, -jnp.inf)
-    _, ids = jax.lax.top_k(logits, k)
+    _, ids = jax.lax.top_k(logits, width)
+    if allowed is not None:  # fewer allowed ids than k: the disallowed ones that fill the list are no titles
+        ids = jnp.where(allowed[ids], ids, -1)
+    ids = jnp.pad(ids, [(0, 0)] * (ids.ndim - 1) + [(0, k - width)], constant_values=-1)
     match = ids == targets.astype(ids.dtype)[..., None]
     ranks = jnp.where(match.any(axis=-1), jnp.argmax(match, axis=-1), k)
     return ids.astype(jnp.int32), ranks.astype(jnp.int32)

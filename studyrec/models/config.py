@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
 
@@ -49,9 +50,50 @@ class ModelConfig:
     """Compute dtype; parameters stay float32."""
 
     def __post_init__(self):
-        if self.qkv_dim % self.num_heads:
-            raise ValueError(f"qkv_dim={self.qkv_dim} is not divisible by num_heads={self.num_heads}")
-        if self.d_model % 2:
-            raise ValueError(f"d_model={self.d_model} must be even for sinusoidal positions")
+        self.validate()
+
+    def validate(self) -> None:
+        """Raises :class:`ConfigError` naming the first field whose value the model cannot use."""
+        at_least_one = ("num_layers", "d_model", "qkv_dim", "num_heads", "mlp_dim", "max_len")
+        for field in at_least_one:
+            value = getattr(self, field)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(field, value, f"{field}={value!r} must be a whole number of at least 1")
         if self.vocab_size < 4:
-            raise ValueError(f"vocab_size={self.vocab_size} is too small (padding, a title, <SEP> and OOV)")
+            raise ConfigError(
+                "vocab_size", self.vocab_size, f"vocab_size={self.vocab_size} is too small (padding, a title, <SEP> and OOV)"
+            )
+        if self.qkv_dim % self.num_heads:
+            raise ConfigError(
+                "qkv_dim", self.qkv_dim,
+                f"qkv_dim={self.qkv_dim} is not divisible by num_heads={self.num_heads}; make it a multiple of num_heads",
+            )
+        if self.d_model % 2:
+            raise ConfigError("d_model", self.d_model, f"d_model={self.d_model} must be even for sinusoidal positions")
+        for field in ("dropout", "attention_dropout"):
+            value = getattr(self, field)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(field, value, f"{field}={value} must be in [0, 1): a probability below 1")
+        if self.num_grade_levels is not None and self.num_grade_levels < 1:
+            raise ConfigError(
+                "num_grade_levels", self.num_grade_levels,
+                f"num_grade_levels={self.num_grade_levels} must be at least 1 (the highest grade), or None for no grade bias",
+            )
+        if not (math.isfinite(self.copy_bias_gain) and self.copy_bias_gain > 0):
+            raise ConfigError(
+                "copy_bias_gain", self.copy_bias_gain, f"copy_bias_gain={self.copy_bias_gain} must be a finite number above 0"
+            )
+        if self.own_bias is not None and not math.isfinite(self.own_bias):
+            raise ConfigError("own_bias", self.own_bias, f"own_bias={self.own_bias} must be a finite number, or None")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ConfigError("dtype", self.dtype, f"dtype={self.dtype!r} must be 'float32' or 'bfloat16'")
+
+
+class ConfigError(ValueError):
+    """An impossible :class:`ModelConfig` value: ``field`` and ``value`` say which, the message why."""
+
+    def __init__(self, field: str, value, message: str):
+        super().__init__(message)
+        self.field = field
+        self.value = value
+        self.reason = message

@@ -1,11 +1,13 @@
 """Orbax checkpoints of parameters, optimizer state, step and the Grain iterator position.
 
 Orbax writes each checkpoint into a temporary directory and renames it when complete, so a kill
-mid-save leaves no half checkpoint under its step's name. On top of that every checkpoint this
-class finishes gets a ``checksums.json`` (size and SHA-256 of each file), and
-:meth:`Checkpoints.restore_latest` checks it: a checkpoint that is damaged later (a deleted,
-truncated or altered file) is reported, moved aside to ``checkpoints/corrupt-<step>``, and the
-previous one is used. Nothing is pickled: arrays go to TensorStore, the rest to JSON.
+mid-save leaves no half checkpoint under its step's name. On top of that a checkpoint counts as
+*committed* only once its ``checksums.json`` (size and SHA-256 of each file) exists: this class
+writes it atomically as soon as the asynchronous save has finished (:meth:`Checkpoints.poll`, called
+after every training step). :meth:`Checkpoints.restore_latest` sets a step without one aside to
+``checkpoints/uncommitted-<step>``, and one that fails its checksums, cannot be read or holds
+non-finite numbers to ``checkpoints/corrupt-<step>``, then uses the previous one. Nothing is
+pickled: arrays go to TensorStore, the rest to JSON.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 import equinox as eqx
 import grain
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from studyrec.data.atomic import write_text_atomic
@@ -28,7 +31,6 @@ from studyrec.train import distributed
 logger = logging.getLogger("studyrec.train")
 
 CHECKSUMS = "checksums.json"
-_ITEMS = ("params", "opt_state", "meta", "data")
 
 
 class CheckpointMismatch(ValueError):
@@ -39,24 +41,34 @@ class CorruptCheckpoint(RuntimeError):
     """A checkpoint whose files are missing, truncated or altered since they were written."""
 
 
+class UncommittedCheckpoint(CorruptCheckpoint):
+    """A step directory without ``checksums.json``: its save was cut short (or is still being sealed)."""
+
+
 def _file_digests(step_dir: Path) -> dict[str, dict]:
-    """``{relative path: {"size", "sha256"}}`` for every file of the checkpoint's items."""
+    """``{relative path: {"size", "sha256"}}`` for every file of the checkpoint but ``checksums.json``."""
     digests = {}
-    for item in _ITEMS:
-        for path in sorted((step_dir / item).rglob("*")):
-            if path.is_file():
-                sha = hashlib.sha256()
-                with open(path, "rb") as f:
-                    for block in iter(lambda: f.read(1 << 20), b""):
-                        sha.update(block)
-                name = path.relative_to(step_dir).as_posix()
-                digests[name] = {"size": path.stat().st_size, "sha256": sha.hexdigest()}
+    for path in sorted(step_dir.rglob("*")):
+        if path.is_file() and path.name != CHECKSUMS and not path.name.startswith(f".{CHECKSUMS}."):
+            sha = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    sha.update(block)
+            name = path.relative_to(step_dir).as_posix()
+            digests[name] = {"size": path.stat().st_size, "sha256": sha.hexdigest()}
     return digests
 
 
-def _describe(error: BaseException) -> str:
+def describe(error: BaseException, limit: int = 300) -> str:
+    """The error's type and message on one line, cut to ``limit`` characters."""
     text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"
+    return f"{type(error).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+def all_finite(tree) -> bool:
+    """Whether every floating-point array of ``tree`` holds only finite numbers."""
+    leaves = jax.tree.leaves(eqx.filter(tree, eqx.is_inexact_array))
+    return all(bool(jnp.isfinite(leaf).all()) for leaf in leaves)
 
 
 class Checkpoints:
@@ -98,8 +110,20 @@ class Checkpoints:
         if self.manager.save(step, args=ocp.args.Composite(**args), force=force):
             self._unsealed.append(step)
 
+    def poll(self) -> None:
+        """Seals (commits) the saves that have finished; returns at once while one is still being written.
+
+        The training loop calls it after every step, so a kill loses at most ``--save-every`` steps.
+        """
+        if self._unsealed and not self.manager.is_saving_in_progress():
+            self._seal()
+
     def _seal(self) -> None:
-        """Writes ``checksums.json`` into the checkpoints this object saved that have finished."""
+        """Writes ``checksums.json`` into the checkpoints this object saved that have finished.
+
+        Waits for a save in flight. Only process 0 writes; the file is written atomically, so a step
+        either has its complete list of checksums or is not committed.
+        """
         if not self._unsealed:
             return
         self.manager.wait_until_finished()
@@ -110,16 +134,30 @@ class Checkpoints:
                 write_text_atomic(self.step_dir(step) / CHECKSUMS, json.dumps(digests, indent=1, sort_keys=True))
         self._unsealed = []
 
+    def is_committed(self, step: int) -> bool:
+        return (self.step_dir(step) / CHECKSUMS).is_file()
+
     def verify(self, step: int) -> None:
-        """Raises CorruptCheckpoint when a file differs from ``checksums.json`` (none: nothing to check)."""
+        """Raises CorruptCheckpoint when a file differs from ``checksums.json``.
+
+        Raises:
+            UncommittedCheckpoint: the step has no ``checksums.json`` (its save never finished).
+            CorruptCheckpoint: a listed file is missing, has another size or another SHA-256.
+        """
         step_dir = self.step_dir(step)
         listing = step_dir / CHECKSUMS
-        if not listing.exists():
-            return
+        if not listing.is_file():
+            raise UncommittedCheckpoint(
+                f"{step_dir} has no {CHECKSUMS}: it was never committed (its save was cut short or is in progress)"
+            )
         try:
             expected = json.loads(listing.read_text())
+            if not isinstance(expected, dict) or not all(
+                isinstance(v, dict) and {"size", "sha256"} <= v.keys() for v in expected.values()
+            ):
+                raise ValueError("not a {file: {size, sha256}} object")
         except (OSError, ValueError) as e:
-            raise CorruptCheckpoint(f"{listing} is unreadable ({_describe(e)})") from None
+            raise CorruptCheckpoint(f"{listing} is unreadable ({describe(e)})") from None
         actual = _file_digests(step_dir)
         for name, want in sorted(expected.items()):
             got = actual.get(name)
@@ -199,24 +237,31 @@ class Checkpoints:
     def restore_latest(self, model, opt_state=None, data_iterator=None, expect: dict | None = None):
         """Restores the newest intact checkpoint: ``(step, model, opt_state, meta)``, or None if there is none.
 
-        A checkpoint that fails its checksums or cannot be read is named in a warning, moved to
-        ``checkpoints/corrupt-<step>`` and the one before it is tried.
+        A step without ``checksums.json`` was never committed: it is moved to
+        ``checkpoints/uncommitted-<step>``. A checkpoint that fails its checksums, cannot be read or
+        holds non-finite numbers is moved to ``checkpoints/corrupt-<step>``. Either is named in a
+        warning and the one before it is tried.
 
         Raises:
             CheckpointMismatch: an intact checkpoint disagrees with ``expect`` (``meta`` keys such
                 as the model kind and vocabulary size) or with the parameter shapes of ``model``.
                 Nothing is moved: the checkpoint is fine, the flags are not.
         """
+        self._seal()  # this object's own finished saves are committed first
         self._remove_unfinished()
         for step in reversed(self.steps()):
+            if distributed.any_process(not self.is_committed(step)):  # every process skips the same ones
+                self._set_aside(step, "was never committed (it has no checksums.json: the run stopped before "
+                                "its save was sealed)", "uncommitted")
+                continue
             try:
                 self.verify(step)
                 meta = self.read_meta(step)
                 damage = None
             except Exception as e:  # noqa: BLE001 - any failure to read back means damage
                 damage = e
-            if distributed.any_process(damage is not None):  # every process must skip the same checkpoints
-                self._set_aside(step, damage or CorruptCheckpoint("found damaged by another process"))
+            if distributed.any_process(damage is not None):
+                self._set_aside(step, self._damaged(damage))
                 continue
             for key, want in (expect or {}).items():
                 if key in meta and meta[key] != want:
@@ -227,13 +272,22 @@ class Checkpoints:
             try:
                 self.check_shapes(step, model, opt_state)
                 restored = self.restore(step, model, opt_state, data_iterator)
+                if not (all_finite(restored[0]) and all_finite(restored[1])):
+                    raise CorruptCheckpoint(f"{self.step_dir(step)} holds non-finite (NaN or infinite) numbers")
+                damage = None
             except CheckpointMismatch:
                 raise
             except Exception as e:  # noqa: BLE001
-                self._set_aside(step, e)
+                damage = e
+            if distributed.any_process(damage is not None):
+                self._set_aside(step, self._damaged(damage))
                 continue
             return (step, *restored)
         return None
+
+    @staticmethod
+    def _damaged(error: BaseException | None) -> str:
+        return f"is damaged ({describe(error or CorruptCheckpoint('found damaged by another process'))})"
 
     def _remove_unfinished(self) -> None:
         """Deletes the temporary directories of saves that a killed run did not finish.
@@ -248,20 +302,20 @@ class Checkpoints:
                 logger.info("removing %s, a checkpoint whose save was cut short", path)
                 shutil.rmtree(path, ignore_errors=True)
 
-    def _set_aside(self, step: int, error: BaseException) -> None:
+    def _set_aside(self, step: int, reason: str, prefix: str = "corrupt") -> None:
+        """Moves the step to ``<prefix>-<step>`` (process 0), so that no later restore tries it again."""
         source = self.step_dir(step)
-        target = self.directory / f"corrupt-{step}"
+        target = self.directory / f"{prefix}-{step}"
         n = 1
         while target.exists():
             n += 1
-            target = self.directory / f"corrupt-{step}.{n}"
+            target = self.directory / f"{prefix}-{step}.{n}"
         if self._primary:
             os.replace(source, target)
         distributed.barrier(f"set aside {target.name}")  # moved before any process looks again
         self.manager.reload()
         logger.warning(
-            "checkpoint %s is damaged (%s); moved it to %s and falling back to the previous checkpoint",
-            source, _describe(error), target,
+            "checkpoint %s %s; moved it to %s and falling back to the previous checkpoint", source, reason, target
         )
 
     def wait(self) -> None:

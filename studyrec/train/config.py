@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Literal
 
 from studyrec.models import ModelConfig
@@ -76,16 +79,44 @@ class ArchConfig:
 
 @dataclasses.dataclass(frozen=True)
 class WandbConfig:
-    """Weights & Biases logging. Offline by default: nothing leaves the machine."""
+    """Weights & Biases logging. Each flag not given falls back to its ``WANDB_*`` environment
+    variable, then to our default: offline (nothing leaves the machine), under the output dir."""
 
-    mode: Literal["offline", "online", "disabled"] = "offline"
-    """offline writes under the output dir (``wandb sync`` uploads it later); online needs ``wandb login``."""
-    project: str = "studyrec"
-    """W&B project."""
+    mode: Literal["offline", "online", "disabled"] | None = None
+    """offline writes under the output dir (``wandb sync`` uploads it later); online needs ``wandb login`` (None: $WANDB_MODE if set, else offline)."""
+    project: str | None = None
+    """W&B project (None: $WANDB_PROJECT if set, else studyrec)."""
+    entity: str | None = None
+    """W&B user or team (None: $WANDB_ENTITY if set, else your W&B default)."""
     name: str | None = None
-    """Run name (default: the output dir's name)."""
-    tags: tuple[str, ...] = ()
-    """Run tags."""
+    """Run name (None: $WANDB_NAME if set, else the output dir's name)."""
+    tags: tuple[str, ...] | None = None
+    """Run tags (None: $WANDB_TAGS, comma-separated, if set, else none)."""
+    dir: str | None = None
+    """Folder W&B writes its wandb/ directory in (None: $WANDB_DIR if set, else the output dir)."""
+
+
+WANDB_MODES = {
+    "offline": "offline", "dryrun": "offline", "online": "online", "run": "online", "shared": "shared", "disabled": "disabled",
+}
+"""W&B's spellings of a mode (in $WANDB_MODE) and the mode each means."""
+
+
+def resolve_wandb(flags: WandbConfig, run_dir: str | os.PathLike, environ: Mapping[str, str] | None = None) -> WandbConfig:
+    """Every field set: the flag when given, else its ``WANDB_*`` variable, else our default."""
+    env = os.environ if environ is None else environ
+    mode = flags.mode or env.get("WANDB_MODE") or "offline"
+    if mode not in WANDB_MODES:
+        raise ValueError(f"WANDB_MODE={mode!r} is not a W&B mode; set it to offline, online or disabled, unset it, or give --wandb.mode")
+    tags = flags.tags if flags.tags is not None else tuple(t for t in env.get("WANDB_TAGS", "").split(",") if t)
+    return WandbConfig(
+        mode=WANDB_MODES[mode],
+        project=flags.project or env.get("WANDB_PROJECT") or "studyrec",
+        entity=flags.entity or env.get("WANDB_ENTITY") or None,
+        name=flags.name or env.get("WANDB_NAME") or Path(run_dir).name,
+        tags=tags,
+        dir=flags.dir or env.get("WANDB_DIR") or str(run_dir),
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -19,16 +20,18 @@ from tqdm.auto import tqdm
 from studyrec.data import dataset
 from studyrec.data.atomic import write_text_atomic
 from studyrec.data.interactions import Interactions, make_chunks
-from studyrec.data.packing import ClassroomPacker
+from studyrec.data.packing import ClassroomPacker, Sample
 from studyrec.data.pipeline import local_rows, prefetching, training_batches
 from studyrec.data.vocab import Vocabulary
 from studyrec.evaluate import model_eval
 from studyrec.evaluate.metrics import write_tables
 from studyrec.models import ModelConfig, build
-from studyrec.train import distributed
+from studyrec.models.config import ConfigError
+from studyrec.train import distributed, memory
 from studyrec.train.best import BestParameters
 from studyrec.train.checkpoint import Checkpoints
-from studyrec.train.config import TrainConfig
+from studyrec.train.config import TrainConfig, resolve_wandb
+from studyrec.train.lock import RunDirectoryLock
 from studyrec.train.mesh import make_mesh, place_batch, shard_params
 from studyrec.train.step import eval_sums, make_optimizer, make_train_step, schedule, summarise
 from studyrec.train.tracking import Tracker
@@ -42,17 +45,14 @@ class TrainingError(RuntimeError):
 
 def check_flags(cfg: TrainConfig, n_devices: int) -> None:
     """Rejects flag values that cannot work, before anything is read or written."""
-    positive = ("steps", "seq_len", "per_device_batch_size", "eval_every", "save_every", "log_every", "keep_checkpoints")
-    for flag in positive:
-        if getattr(cfg, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} {getattr(cfg, flag)} must be at least 1")
-    if cfg.epochs is not None and not cfg.epochs > 0:
-        raise ValueError(f"--epochs {cfg.epochs} must be positive")
-    if cfg.vocab_size < 0:
-        raise ValueError(f"--vocab-size {cfg.vocab_size} is negative; give a title count, or 0 to keep every title")
+    _check_counts(cfg)
+    _check_optimizer(cfg)
+    _check_output_dir(cfg)
     if cfg.fsdp < 1 or n_devices % cfg.fsdp:
         divisors = [d for d in range(1, n_devices + 1) if n_devices % d == 0]
         raise ValueError(f"--fsdp {cfg.fsdp} does not divide the {n_devices} devices; use one of {divisors}")
+    if cfg.student_chunk_size is not None and cfg.student_chunk_size < 1:
+        raise ValueError(f"--student-chunk-size {cfg.student_chunk_size} must be at least 1 (or omit it to use --seq-len)")
     if cfg.chunk_size > cfg.seq_len:
         raise ValueError(
             f"--student-chunk-size {cfg.chunk_size} is larger than --seq-len {cfg.seq_len}; "
@@ -64,6 +64,76 @@ def check_flags(cfg: TrainConfig, n_devices: int) -> None:
             f"--classmate-chunk-size {cfg.classmate_chunk_size} must be between 1 and --seq-len - "
             f"--student-chunk-size - 1 = {room}"
         )
+    check_arch(cfg)
+
+
+def _check_counts(cfg: TrainConfig) -> None:
+    """Step counts, sizes and list flags: whole numbers in their ranges."""
+    positive = (
+        "steps", "seq_len", "per_device_batch_size", "eval_every", "save_every", "log_every", "keep_checkpoints", "prefetch",
+    )
+    for flag in positive:
+        if getattr(cfg, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} {getattr(cfg, flag)} must be at least 1")
+    if cfg.epochs is not None and not (math.isfinite(cfg.epochs) and cfg.epochs > 0):
+        raise ValueError(f"--epochs {cfg.epochs} must be a finite number above 0")
+    if cfg.vocab_size < 0:
+        raise ValueError(f"--vocab-size {cfg.vocab_size} is negative; give a title count, or 0 to keep every title")
+    if cfg.eval_rows < 0:
+        raise ValueError(f"--eval-rows {cfg.eval_rows} is negative; give a row count, or 0 to skip the periodic evaluation")
+    if not 0 <= cfg.seed < 2**62:
+        raise ValueError(f"--seed {cfg.seed} must be between 0 and 2**62 - 1")
+    if not cfg.n_recommendations or min(cfg.n_recommendations) < 1:
+        given = " ".join(map(str, cfg.n_recommendations)) or "(none)"
+        raise ValueError(f"--n-recommendations {given}: list lengths must be positive integers, one or more (e.g. 1 3 5 10 20)")
+
+
+def _check_optimizer(cfg: TrainConfig) -> None:
+    """Learning rate, warm-up, weight decay and clipping: finite, and of the right sign."""
+    if not (math.isfinite(cfg.learning_rate) and cfg.learning_rate > 0):
+        raise ValueError(f"--learning-rate {cfg.learning_rate} must be a finite number above 0 (e.g. 0.001)")
+    if cfg.warmup_steps < 0:
+        raise ValueError(f"--warmup-steps {cfg.warmup_steps} is negative; give 0 for no warm-up")
+    if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
+        raise ValueError(f"--weight-decay {cfg.weight_decay} must be a finite number, 0 or above")
+    if cfg.grad_clip is not None and not (math.isfinite(cfg.grad_clip) and cfg.grad_clip > 0):
+        raise ValueError(f"--grad-clip {cfg.grad_clip} must be a finite number above 0, or None for no clipping")
+
+
+def _check_output_dir(cfg: TrainConfig) -> None:
+    """--output-dir must name a directory; ``{model}`` is its only placeholder."""
+    try:
+        path = cfg.run_dir()
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(
+            f"--output-dir {cfg.output_dir!r} has a placeholder other than {{model}} ({e!r}); "
+            "write braces as {{ and }}"
+        ) from None
+    if not path.strip():
+        raise ValueError("--output-dir is empty; give a directory")
+
+
+# ``ModelConfig`` fields that do not come from an --arch.* flag of the same name.
+_MODEL_FLAGS = {"num_grade_levels": "--grade-levels", "max_len": "--seq-len", "vocab_size": "--vocab-size"}
+
+
+def check_arch(cfg: TrainConfig) -> None:
+    """The model's own checks (``ModelConfig.validate``), reported with the flag to change."""
+    try:
+        cfg.arch.model_config(4, cfg.grade_levels, cfg.seq_len, jax.default_backend(), model=cfg.model)
+    except ConfigError as e:
+        flag = _MODEL_FLAGS.get(e.field, f"--arch.{e.field.replace('_', '-')}")
+        raise ValueError(f"{flag} {e.value}: {e.reason}") from None
+
+
+def check_memory(cfg: TrainConfig, model_config: ModelConfig, n_devices: int) -> None:
+    """Refuses a job whose step, evaluation or prefetched batches cannot fit in memory (see ``memory``)."""
+    need = memory.check_batch_fits(
+        model_config, memory.available(jax.local_devices()[0]), model=cfg.model, seq_len=cfg.seq_len,
+        per_device_batch=cfg.per_device_batch_size, eval_rows=cfg.eval_rows, n_devices=n_devices,
+        local_devices=jax.local_device_count(), prefetch=cfg.prefetch, fsdp=cfg.fsdp,
+    )
+    logger.info("memory: about %s per device (%s)", memory.format_bytes(need.device), need.describe())
 
 
 def resolve_steps(cfg: TrainConfig, interactions: int, global_batch: int) -> TrainConfig:
@@ -110,9 +180,21 @@ def _packer(
     )
 
 
+def _resume_history(path: Path) -> list:
+    """The ``resumes`` list of an existing config.json; an unreadable one is rewritten (the flags make it anew)."""
+    if not path.exists():
+        return []
+    try:
+        history = json.loads(path.read_text()).get("resumes", [])
+        return history if isinstance(history, list) else []
+    except (ValueError, AttributeError) as e:
+        logger.warning("%s is unreadable (%s); writing it anew, without its record of earlier resumes", path, e)
+        return []
+
+
 def _write_config(run_dir: Path, cfg: TrainConfig, model_config: ModelConfig, extra: dict, resumed_at: int | None) -> None:
     path = run_dir / "config.json"
-    history = json.loads(path.read_text()).get("resumes", []) if path.exists() else []
+    history = _resume_history(path)
     if resumed_at is not None:
         history.append({"step": resumed_at, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     record = {
@@ -151,16 +233,18 @@ class _StopRequest:
 def train(cfg: TrainConfig) -> Path:
     """Runs (or resumes) a training job and writes its run directory; returns the directory."""
     distributed.initialize(cfg.dist)
-    with distributed.leave_on_error():  # an error on one process must not leave the others waiting
-        return _train(cfg)
+    # An error on one process must not leave the others waiting; the run dir's lock is held to the end.
+    with distributed.leave_on_error(), contextlib.ExitStack() as held:
+        return _train(cfg, held)
 
 
-def _train(cfg: TrainConfig) -> Path:
+def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> Path:
     is_main = jax.process_index() == 0
-    run_dir = Path(cfg.run_dir())
     # Every flag, input file and a resumed run's vocabulary is checked before the run dir is written.
     check_flags(cfg, jax.device_count())
+    run_dir = Path(cfg.run_dir())
     check_run_dir(run_dir)
+    cfg = dataclasses.replace(cfg, wandb=resolve_wandb(cfg.wandb, run_dir))  # config.json records what is used
 
     mesh = make_mesh(cfg.fsdp)
     n_devices = jax.device_count()
@@ -196,6 +280,7 @@ def _train(cfg: TrainConfig) -> Path:
 
     # Model and optimizer, placed by the rule table.
     model_config = cfg.arch.model_config(vocab.logits_size, cfg.grade_levels, cfg.seq_len, jax.default_backend(), model=cfg.model)
+    check_memory(cfg, model_config, n_devices)  # before a batch is packed or a file written
     model = build(cfg.model, model_config, key=jax.random.key(cfg.seed))
     optimizer = make_optimizer(
         model,
@@ -215,11 +300,12 @@ def _train(cfg: TrainConfig) -> Path:
         train_packer, seed=cfg.seed, global_batch=global_batch, num_steps=cfg.steps, process_index=pi, process_count=pc
     )
     iterator = prefetching(batches, buffer=cfg.prefetch)
-    if is_main:
+    if is_main:  # every input is valid: from here on this job owns the run dir (others share it)
+        held.enter_context(RunDirectoryLock(run_dir))
         prepare_run_dir(run_dir)
     checkpoints = Checkpoints(run_dir, keep=cfg.keep_checkpoints)
     # The newest intact checkpoint (a damaged one is set aside); its model kind and sizes must match.
-    expect = {"model": cfg.model, "vocab_size": len(vocab)}
+    expect = {"model": cfg.model, "vocab_size": len(vocab), "vocab_fingerprint": vocab.fingerprint}
     restored = checkpoints.restore_latest(model, opt_state, iterator, expect=expect)
     start = 0
     if restored is not None:
@@ -227,7 +313,8 @@ def _train(cfg: TrainConfig) -> Path:
         logger.info("resumed from step %d", start)
 
     extra = {"time_origin": origin, "vocab_size": len(vocab), "global_batch": global_batch, "peak_lr": peak_lr,
-             "devices": n_devices, "processes": pc, "platform": jax.default_backend()}
+             "devices": n_devices, "processes": pc, "platform": jax.default_backend(),
+             "vocab_fingerprint": vocab.fingerprint}
     if is_main:
         vocab.save(vocab_path)
         _write_config(run_dir, cfg, model_config, extra, start or None)
@@ -235,12 +322,13 @@ def _train(cfg: TrainConfig) -> Path:
     best = BestParameters(run_dir, resume_step=start) if cfg.select_best and valid_packer is not None else None
 
     # Fixed rows scored every eval_every steps, packed once.
-    def fixed(packer: ClassroomPacker | None):
+    def fixed(packer: ClassroomPacker | None) -> list[Sample]:
+        """--eval-rows rounded up to whole global batches, packed once and scored a batch at a time."""
         if packer is None or cfg.eval_rows <= 0:
-            return None
-        rows = math.ceil(cfg.eval_rows / global_batch) * global_batch
-        local = local_rows(0, rows, pi, pc) + 10**12  # far from the training rows
-        return place_batch(packer.random_rows(cfg.seed + 1, local), mesh)
+            return []
+        batches = range(math.ceil(cfg.eval_rows / global_batch))
+        far = 10**12  # from the training rows
+        return [place_batch(packer.random_rows(cfg.seed + 1, local_rows(b, global_batch, pi, pc) + far), mesh) for b in batches]
 
     probes = {"train_": fixed(train_packer), "valid_": fixed(valid_packer)}
     focus = cfg.classmate_chunk_size is not None  # then the probes score what evaluation scores: each row's student
@@ -248,9 +336,10 @@ def _train(cfg: TrainConfig) -> Path:
     def evaluate() -> dict:
         inference = eqx.nn.inference_mode(model)
         results = {}
-        for prefix, batch in probes.items():
-            if batch is not None:
-                results.update(summarise(eval_sums(inference, batch, vocab.oov, focus), prefix))
+        for prefix, batches in probes.items():
+            if batches:
+                sums = [eval_sums(inference, batch, vocab.oov, focus) for batch in batches]
+                results.update(summarise(jax.tree.map(lambda *parts: sum(parts), *sums), prefix))
         return results
 
     step_fn = make_train_step(optimizer, vocab.oov)
@@ -259,7 +348,7 @@ def _train(cfg: TrainConfig) -> Path:
     tokens_per_step = global_batch * cfg.seq_len
     bar = tqdm(total=cfg.steps, initial=start, disable=not is_main, desc=f"train {cfg.model}", dynamic_ncols=True)
     wait, tick, last_logged = 0.0, time.perf_counter(), start
-    meta = {"model": cfg.model, "vocab_size": len(vocab)}
+    meta = {"model": cfg.model, "vocab_size": len(vocab), "vocab_fingerprint": vocab.fingerprint}
 
     def save(step: int, force: bool = False) -> None:
         checkpoints.save(step, model, opt_state, meta, iterator, force=force)
@@ -302,6 +391,7 @@ def _train(cfg: TrainConfig) -> Path:
                                 tok_s=f"{metrics['perf/tokens_per_s']:.0f}")
             if done % cfg.save_every == 0 or last:
                 save(done)
+            checkpoints.poll()  # commits a finished save at once, so a kill loses at most --save-every steps
             # Every process must stop after the same step (the save is collective), so they agree every 10 steps.
             asked = stop.signal is not None
             if pc > 1:

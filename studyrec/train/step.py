@@ -123,7 +123,11 @@ def eval_sums(model: Individual, batch: Sample, oov: int, first_only: bool = Fal
 
 @eqx.filter_jit
 def top_titles(model: Individual, batch: Sample, k: int, num_titles: int) -> Int[Array, "batch seq k"]:
-    """The ``k`` best real titles (ids ``1..num_titles``) at every position; never pad, SEP or OOV."""
+    """The ``k`` best real titles (ids ``1..num_titles``) at every position; never pad, SEP or OOV.
+
+    A catalogue of fewer than ``k`` titles gives them all, then 0 (padding) to fill the ``k`` slots.
+    """
     logits = batched_logits(model, batch, None)
-    _, index = jax.lax.top_k(logits[..., 1 : num_titles + 1], k)
-    return index + 1
+    width = min(k, num_titles)
+    _, index = jax.lax.top_k(logits[..., 1 : num_titles + 1], width)
+    return jnp.pad(index + 1, [(0, 0)] * (index.ndim - 1) + [(0, k - width)])

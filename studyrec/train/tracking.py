@@ -1,4 +1,5 @@
-"""Metric logging: ``metrics.jsonl`` in the run directory and Weights & Biases (offline by default)."""
+"""Metric logging: ``metrics.jsonl`` in the run directory and Weights & Biases (offline unless the flags or
+``WANDB_*`` variables say otherwise)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import uuid
 from pathlib import Path
 
 from studyrec.data.atomic import write_text_atomic
-from studyrec.train.config import WandbConfig
+from studyrec.train.config import WandbConfig, resolve_wandb
 
 
 def _step_of(line: str) -> float:
@@ -28,6 +29,7 @@ class Tracker:
         if not enabled:
             return
         self._truncate_after(resume_step)
+        wandb_config = resolve_wandb(wandb_config, run_dir)
         if wandb_config.mode != "disabled":
             import wandb
 
@@ -36,10 +38,11 @@ class Tracker:
             write_text_atomic(run_id_file, run_id)
             self.run = wandb.init(
                 project=wandb_config.project,
-                name=wandb_config.name or run_dir.name,
+                entity=wandb_config.entity,
+                name=wandb_config.name,
                 tags=list(wandb_config.tags),
                 config=config,
-                dir=str(run_dir),
+                dir=wandb_config.dir,
                 mode=wandb_config.mode,
                 id=run_id,
                 resume="allow",
