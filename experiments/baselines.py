@@ -80,20 +80,11 @@ def _frame(data, rows):
 
 def check_flags(cfg: BaselineConfig) -> None:
     """Rejects flag values that cannot work, before anything is read or written."""
-    ns = tuple(cfg.n_recommendations)
-    if not ns or min(ns) < 1:
-        given = " ".join(map(str, ns)) or "(none)"
-        raise ValueError(f"--n-recommendations {given}: list lengths must be positive integers, one or more (e.g. 1 3 5 10 20)")
-    if cfg.vocab_size < 0:
-        raise ValueError(f"--vocab-size {cfg.vocab_size} is negative; give a title count, or 0 to keep every title")
-    try:
-        path = cfg.run_dir()
-    except (KeyError, IndexError, ValueError) as e:
-        raise ValueError(
-            f"--output-dir {cfg.output_dir!r} has a placeholder other than {{baseline}} ({e!r}); write braces as {{{{ and }}}}"
-        ) from None
-    if not path.strip():
-        raise ValueError("--output-dir is empty; give a directory")
+    from studyrec.train.config import check_n_recommendations, check_output_dir, check_vocab_size
+
+    check_n_recommendations(tuple(cfg.n_recommendations))
+    check_vocab_size(cfg.vocab_size)
+    check_output_dir(cfg.output_dir, "baseline")
 
 
 def score_baseline(cfg: BaselineConfig):
@@ -103,7 +94,6 @@ def score_baseline(cfg: BaselineConfig):
     from studyrec.data import dataset
     from studyrec.evaluate.baselines import recommend_baseline
 
-    check_flags(cfg)
     ns = tuple(cfg.n_recommendations)
     paths = dataset.DataPaths.resolve(cfg.train_data, cfg.valid_data, cfg.student_info, cfg.school_info)
     frames = dataset.Frames.load(paths)

@@ -228,6 +228,32 @@ class TrainConfig:
         return self.output_dir.format(model=self.model)
 
 
+def check_vocab_size(vocab_size: int) -> None:
+    """--vocab-size: a title count, or 0 for every title (training and baselines alike)."""
+    if vocab_size < 0:
+        raise ValueError(f"--vocab-size {vocab_size} is negative; give a title count, or 0 to keep every title")
+
+
+def check_n_recommendations(ns: tuple[int, ...]) -> None:
+    """--n-recommendations: one or more list lengths, each at least 1."""
+    if not ns or min(ns) < 1:
+        given = " ".join(map(str, ns)) or "(none)"
+        raise ValueError(f"--n-recommendations {given}: list lengths must be positive integers, one or more (e.g. 1 3 5 10 20)")
+
+
+def check_output_dir(template: str, placeholder: str) -> None:
+    """--output-dir must name a directory; ``{placeholder}`` is the only field it may hold."""
+    try:
+        path = template.format(**{placeholder: placeholder})
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(
+            f"--output-dir {template!r} has a placeholder other than {{{placeholder}}} ({e!r}); "
+            "write braces as {{ and }}"
+        ) from None
+    if not path.strip():
+        raise ValueError("--output-dir is empty; give a directory")
+
+
 PRESETS: dict[str, TrainConfig] = {
     # Small enough to train on the bundled data on a laptop CPU in a couple of minutes.
     "default": TrainConfig(learning_rate=3e-3, scale_lr=False, warmup_steps=100),

@@ -30,7 +30,13 @@ from studyrec.models.config import ConfigError
 from studyrec.train import distributed, memory
 from studyrec.train.best import BestParameters
 from studyrec.train.checkpoint import Checkpoints
-from studyrec.train.config import TrainConfig, resolve_wandb
+from studyrec.train.config import (
+    TrainConfig,
+    check_n_recommendations,
+    check_output_dir,
+    check_vocab_size,
+    resolve_wandb,
+)
 from studyrec.train.lock import RunDirectoryLock
 from studyrec.train.mesh import make_mesh, place_batch, shard_params
 from studyrec.train.step import eval_sums, make_optimizer, make_train_step, schedule, summarise
@@ -47,7 +53,7 @@ def check_flags(cfg: TrainConfig, n_devices: int) -> None:
     """Rejects flag values that cannot work, before anything is read or written."""
     _check_counts(cfg)
     _check_optimizer(cfg)
-    _check_output_dir(cfg)
+    check_output_dir(cfg.output_dir, "model")
     if cfg.fsdp < 1 or n_devices % cfg.fsdp:
         divisors = [d for d in range(1, n_devices + 1) if n_devices % d == 0]
         raise ValueError(f"--fsdp {cfg.fsdp} does not divide the {n_devices} devices; use one of {divisors}")
@@ -77,15 +83,12 @@ def _check_counts(cfg: TrainConfig) -> None:
             raise ValueError(f"--{flag.replace('_', '-')} {getattr(cfg, flag)} must be at least 1")
     if cfg.epochs is not None and not (math.isfinite(cfg.epochs) and cfg.epochs > 0):
         raise ValueError(f"--epochs {cfg.epochs} must be a finite number above 0")
-    if cfg.vocab_size < 0:
-        raise ValueError(f"--vocab-size {cfg.vocab_size} is negative; give a title count, or 0 to keep every title")
+    check_vocab_size(cfg.vocab_size)
     if cfg.eval_rows < 0:
         raise ValueError(f"--eval-rows {cfg.eval_rows} is negative; give a row count, or 0 to skip the periodic evaluation")
     if not 0 <= cfg.seed < 2**62:
         raise ValueError(f"--seed {cfg.seed} must be between 0 and 2**62 - 1")
-    if not cfg.n_recommendations or min(cfg.n_recommendations) < 1:
-        given = " ".join(map(str, cfg.n_recommendations)) or "(none)"
-        raise ValueError(f"--n-recommendations {given}: list lengths must be positive integers, one or more (e.g. 1 3 5 10 20)")
+    check_n_recommendations(tuple(cfg.n_recommendations))
 
 
 def _check_optimizer(cfg: TrainConfig) -> None:
@@ -98,19 +101,6 @@ def _check_optimizer(cfg: TrainConfig) -> None:
         raise ValueError(f"--weight-decay {cfg.weight_decay} must be a finite number, 0 or above")
     if cfg.grad_clip is not None and not (math.isfinite(cfg.grad_clip) and cfg.grad_clip > 0):
         raise ValueError(f"--grad-clip {cfg.grad_clip} must be a finite number above 0, or None for no clipping")
-
-
-def _check_output_dir(cfg: TrainConfig) -> None:
-    """--output-dir must name a directory; ``{model}`` is its only placeholder."""
-    try:
-        path = cfg.run_dir()
-    except (KeyError, IndexError, ValueError) as e:
-        raise ValueError(
-            f"--output-dir {cfg.output_dir!r} has a placeholder other than {{model}} ({e!r}); "
-            "write braces as {{ and }}"
-        ) from None
-    if not path.strip():
-        raise ValueError("--output-dir is empty; give a directory")
 
 
 # ``ModelConfig`` fields that do not come from an --arch.* flag of the same name.
