@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.common import Stopwatch, json_line, log
+
 QUICK: list[tuple[str, list[str]]] = [
     ("data_pipeline", ["--interactions", "300000"]),
     ("model_step", ["--preset", "cpu-small", "--repeats", "3"]),
@@ -48,32 +50,32 @@ def main(argv: list[str] | None = None) -> int:
         if args.only and name not in args.only:
             continue
         cmd = [sys.executable, "-m", f"benchmarks.{name}", *flags]
-        print(f"[benchmarks.all] {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
-        t = time.perf_counter()
+        log(f"[benchmarks.all] {' '.join(cmd[1:])}")
         try:
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            with Stopwatch() as watch:
+                res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
         except subprocess.TimeoutExpired:
-            print(f"[benchmarks.all]   timed out after {args.timeout}s", file=sys.stderr)
+            log(f"[benchmarks.all]   timed out after {args.timeout}s")
             failures += 1
             continue
         found = [line for line in res.stdout.splitlines() if line.startswith("{")]
         if res.returncode != 0 or not found:
             failures += 1
-            print(f"[benchmarks.all]   FAILED (rc {res.returncode}):\n{res.stderr[-2000:]}", file=sys.stderr)
+            log(f"[benchmarks.all]   FAILED (rc {res.returncode}):\n{res.stderr[-2000:]}")
             continue
         record = json.loads(found[-1])
-        record["wall_s"] = round(time.perf_counter() - t, 1)
+        record["wall_s"] = round(watch.seconds, 1)
         lines.append(record)
-        print(json.dumps(record), flush=True)
+        json_line(record)
         keys = SUMMARY.get(name, ())
         summary = ", ".join(f"{k}={_fmt(record.get(k))}" for k in keys)
-        print(f"[benchmarks.all]   {record['wall_s']}s, load {record.get('load_avg_1m')}: {summary}", file=sys.stderr)
+        log(f"[benchmarks.all]   {record['wall_s']}s, load {record.get('load_avg_1m')}: {summary}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         with args.out.open("a") as f:
             for record in lines:
                 f.write(json.dumps(record) + "\n")
-    print(f"[benchmarks.all] {len(lines)} ran, {failures} failed, {time.perf_counter() - start:.0f}s", file=sys.stderr)
+    log(f"[benchmarks.all] {len(lines)} ran, {failures} failed, {time.perf_counter() - start:.0f}s")
     return 1 if failures else 0
 
 

@@ -1,4 +1,5 @@
-"""Shared helpers for the benchmarks: device description, measured matmul peak, RSS, FLOP counts, JSON lines.
+"""Shared helpers for the benchmarks: timers, device description, measured matmul peak, RSS, FLOP counts,
+JSON lines.
 
 Every benchmark prints exactly one JSON line on stdout (progress goes to stderr), carrying the
 device, the host's 1-minute load average at the time, shapes, dtype and the measured figures.
@@ -12,6 +13,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -69,10 +71,15 @@ def current_rss_mb() -> float:
         return float("nan")
 
 
+def json_line(record: dict) -> None:
+    """Prints ``record`` as one JSON line on stdout (numpy scalars and arrays as plain JSON)."""
+    print(json.dumps(record, default=_jsonable), flush=True)
+
+
 def emit(name: str, record: dict) -> dict:
     """Prints one JSON line: benchmark name, device, load average, then the record."""
     line = {"benchmark": name, **device_info(), "load_avg_1m": load_average(), **record}
-    print(json.dumps(line, default=_jsonable), flush=True)
+    json_line(line)
     return line
 
 
@@ -86,16 +93,72 @@ def _jsonable(x):
     return str(x)
 
 
-def best_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> tuple[float, list[float]]:
-    """Minimum and all wall times of ``fn()`` (which must block until its result is ready)."""
+# --- timing --------------------------------------------------------------------------------------
+
+
+class Stopwatch:
+    """Wall seconds spent inside a ``with`` block, in ``.seconds``; also stored as ``into[key]`` when given.
+
+        with Stopwatch(stages, "load_s"):
+            frame = load_activity(...)
+    """
+
+    def __init__(self, into: dict | None = None, key: str | None = None):
+        self.into, self.key, self.seconds = into, key, float("nan")
+
+    def __enter__(self) -> Stopwatch:
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self._start
+        if self.into is not None:
+            self.into[self.key] = self.seconds
+
+
+def timed(fn: Callable[[], object], repeats: int, warmup: int = 0) -> list[float]:
+    """Wall time of each of ``repeats`` calls of ``fn()`` (which must block until its result is ready),
+    after ``warmup`` untimed calls."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
+        with Stopwatch() as watch:
+            fn()
+        times.append(watch.seconds)
+    return times
+
+
+def best_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> tuple[float, list[float]]:
+    """Minimum and all wall times of ``fn()`` (which must block until its result is ready)."""
+    times = timed(fn, repeats, warmup)
     return min(times), times
+
+
+def compile_timed(jitted, *args):
+    """``jitted`` lowered and compiled for ``args``: ``(compiled, seconds the compilation took)``."""
+    with Stopwatch() as watch:
+        compiled = jitted.lower(*args).compile()
+    return compiled, watch.seconds
+
+
+def train_steps(step, model, opt_state, batch, keys) -> tuple[object, object, dict, list[float]]:
+    """Runs a train step (``studyrec.train.step.make_train_step``) once per key on one placed batch,
+    blocking on each result: ``(model, opt_state, sums of the last step, wall time of each step)``."""
+    import jax
+
+    times, sums = [], None
+    for key in keys:
+        with Stopwatch() as watch:
+            model, opt_state, sums = step(model, opt_state, batch, key)
+            jax.block_until_ready(sums)
+        times.append(watch.seconds)
+    return model, opt_state, sums, times
+
+
+def mean_loss(sums: dict) -> float:
+    """The mean loss of a train step's summed metrics."""
+    return float(sums["loss_sum"]) / max(float(sums["weight"]), 1.0)
 
 
 def matmul_kernel(dtype: str = "float32", n: int | None = None, chain: int | None = None):
@@ -124,11 +187,24 @@ def matmul_kernel(dtype: str = "float32", n: int | None = None, chain: int | Non
     return (lambda: run(x, w).block_until_ready()), 2.0 * n**3 * chain, n
 
 
-def matmul_peak(dtype: str = "float32", n: int | None = None, chain: int | None = None, repeats: int = 5) -> dict:
-    """The device's dense matmul rate for ``dtype``, measured now: best of ``repeats`` timed calls."""
+def matmul_peak(
+    dtype: str = "float32", n: int | None = None, chain: int | None = None, repeats: int = 5, warmup: int = 0
+) -> dict:
+    """The device's dense matmul rate for ``dtype``, measured now: best of ``repeats`` timed calls
+    (after the one call that compiles it and ``warmup`` more)."""
     run, flops, n = matmul_kernel(dtype, n, chain)
-    best, _ = best_time(run, repeats=repeats, warmup=0)
+    best, _ = best_time(run, repeats=repeats, warmup=warmup)
     return {"peak_flops": flops / best, "peak_n": n, "peak_dtype": dtype}
+
+
+def matmul_rates(flops: float, times: list[float], n: int, dtype: str) -> dict:
+    """The matmul peak from the wall times of a ``matmul_kernel`` call doing ``flops``: best and median rates."""
+    return {
+        "peak_flops": flops / min(times),
+        "peak_flops_median": flops / statistics.median(times),
+        "peak_n": n,
+        "peak_dtype": dtype,
+    }
 
 
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
@@ -137,9 +213,9 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str,
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+            with Stopwatch() as watch:
+                fn()
+            times[name].append(watch.seconds)
     return times
 
 
@@ -190,9 +266,11 @@ def generated_packer(
     import pandas as pd
 
     from studyrec.data import ClassroomPacker, Interactions, Vocabulary, make_chunks
-    from studyrec.data.generate import generate
+    from studyrec.data.generate import GenerateConfig, generate
 
-    data = generate(n_students=n_students, seed=seed, n_titles=int(vocab_size * 1.2), class_size=class_size)
+    data = generate(
+        GenerateConfig(n_students=n_students, seed=seed, n_titles=int(vocab_size * 1.2), class_size=class_size)
+    )
     frame = pd.concat([data.train, data.valid], ignore_index=True)
     frame["timestamp"] = pd.to_datetime(frame["Date"]).to_numpy().astype("datetime64[s]").astype(np.int64)
     vocab = Vocabulary.build(frame["SHLF_NUM"], max_size=vocab_size)

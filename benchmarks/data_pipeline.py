@@ -26,12 +26,11 @@ import argparse
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import current_rss_mb, emit, load_average, log, peak_rss_mb
+from benchmarks.common import Stopwatch, current_rss_mb, emit, load_average, log, peak_rss_mb
 
 PER_STUDENT = 34.0  # generated interactions per student (20 weeks, default read probabilities)
 
@@ -41,9 +40,9 @@ def write_data(out: Path, interactions: int, seed: int) -> dict:
     n_students = max(30, int(round(interactions / PER_STUDENT)))
     code = (
         "import sys, time, json\n"
-        "from studyrec.data.generate import generate, write\n"
+        "from studyrec.data.generate import GenerateConfig, generate, write\n"
         "t = time.perf_counter()\n"
-        f"d = generate(n_students={n_students}, seed={seed}, n_titles=2400)\n"
+        f"d = generate(GenerateConfig(n_students={n_students}, seed={seed}, n_titles=2400))\n"
         "g = time.perf_counter() - t\n"
         f"write(d, {str(out)!r})\n"
         "print(json.dumps({'generate_s': g, 'write_s': time.perf_counter() - t - g, 'students': len(d.student_info)}))\n"
@@ -83,23 +82,20 @@ def main(argv: list[str] | None = None) -> dict:
         log(f"  generated in {gen['generate_s']:.1f}s, written in {gen['write_s']:.1f}s ({csv_mb:.0f} MiB of CSV)")
 
         load0 = load_average()
-        t = time.perf_counter()
-        frame = load_activity(tmp / "student_activity_train.csv", tmp / "student_activity_valid.csv")
-        stages["load_s"] = time.perf_counter() - t
+        with Stopwatch(stages, "load_s"):
+            frame = load_activity(tmp / "student_activity_train.csv", tmp / "student_activity_valid.csv")
         info = load_student_info(tmp / "student_info.csv")
         schools = load_school_info(tmp / "school_info.csv")
         rss["after_load"] = current_rss_mb()
         n = len(frame)
         log(f"  load: {n:,} interactions in {stages['load_s']:.2f}s")
 
-        t = time.perf_counter()
-        vocab = Vocabulary.build(frame["SHLF_NUM"], max_size=args.vocab_size)
-        stages["vocab_s"] = time.perf_counter() - t
+        with Stopwatch(stages, "vocab_s"):
+            vocab = Vocabulary.build(frame["SHLF_NUM"], max_size=args.vocab_size)
 
-        t = time.perf_counter()
-        data = Interactions.from_frame(frame, vocab, info, schools, "school_grade")
-        chunks = make_chunks(data, args.chunk)
-        stages["chunk_s"] = time.perf_counter() - t
+        with Stopwatch(stages, "chunk_s"):
+            data = Interactions.from_frame(frame, vocab, info, schools, "school_grade")
+            chunks = make_chunks(data, args.chunk)
         rss["after_chunk"] = current_rss_mb()
         log(f"  vocab {stages['vocab_s']:.2f}s, interactions+chunks {stages['chunk_s']:.2f}s ({len(chunks):,} chunks)")
 
@@ -109,35 +105,30 @@ def main(argv: list[str] | None = None) -> dict:
         B = args.batch
         rows = args.pack_rows or max(B, (n // 60) // B * B)
         nb = -(-rows // B)
-        t = time.perf_counter()
-        packer = ClassroomPacker(data, chunks, args.seq_len, vocab.sep, origin)
-        stages["packer_init_s"] = time.perf_counter() - t
+        with Stopwatch(stages, "packer_init_s"):
+            packer = ClassroomPacker(data, chunks, args.seq_len, vocab.sep, origin)
         tokens = 0
-        t = time.perf_counter()
-        for b in range(nb):
-            sample = packer.random_rows(args.seed, np.arange(b * B, (b + 1) * B, dtype=np.int64))
-            tokens += int((sample.segments > 0).sum())
-        stages["pack_s"] = time.perf_counter() - t
+        with Stopwatch(stages, "pack_s"):
+            for b in range(nb):
+                sample = packer.random_rows(args.seed, np.arange(b * B, (b + 1) * B, dtype=np.int64))
+                tokens += int((sample.segments > 0).sum())
         rss["after_pack"] = current_rss_mb()
         log(f"  pack: {nb * B:,} rows in {stages['pack_s']:.2f}s ({tokens / (nb * B * args.seq_len):.0%} of tokens real)")
 
         if not args.no_grain:
             it = prefetching(training_batches(packer, seed=args.seed, global_batch=B, num_steps=nb))
-            t = time.perf_counter()
-            for _ in range(nb):
-                next(it)
-            stages["grain_s"] = time.perf_counter() - t
+            with Stopwatch(stages, "grain_s"):
+                for _ in range(nb):
+                    next(it)
             del it
 
-        t = time.perf_counter()
-        layout = packer.eval_layout()
-        stages["eval_layout_s"] = time.perf_counter() - t
-        t = time.perf_counter()
+        with Stopwatch(stages, "eval_layout_s"):
+            layout = packer.eval_layout()
         covered = 0
-        for b in range(layout.num_batches(B)):
-            _, source = layout.batch(b, B)
-            covered += int((source >= 0).sum())
-        stages["eval_compose_s"] = time.perf_counter() - t
+        with Stopwatch(stages, "eval_compose_s"):
+            for b in range(layout.num_batches(B)):
+                _, source = layout.batch(b, B)
+                covered += int((source >= 0).sum())
         assert covered == n, (covered, n)
         rss["after_eval"] = current_rss_mb()
         log(f"  eval: layout {stages['eval_layout_s']:.2f}s ({layout.num_rows:,} rows), compose {stages['eval_compose_s']:.2f}s")

@@ -6,7 +6,7 @@
 Evaluation is what ``experiments.train`` runs at the end (valid-only context): encode the
 validation split, ``eval_layout()``, ``model_eval.predict_topk`` (Grain-prefetched batches, top-k
 on the device) and ``model_eval.score`` + ``tables``. Recommendation is ``Run.recommend`` (one
-query row per student, as of just after the training split) when ``studyrec.run`` has it; it is
+query row per student, as of just after the training split) when ``studyrec.recommend`` has it; it is
 skipped otherwise. The model is freshly initialised (throughput does not depend on the weights).
 ``train_tokens_per_s`` is a training step of the same model timed in the same run, so
 ``eval_vs_train_tokens`` says whether evaluation keeps pace with training (>= 1).
@@ -20,15 +20,17 @@ import time
 
 import numpy as np
 
-from benchmarks.common import emit, log, peak_rss_mb
+from benchmarks.common import Stopwatch, emit, log, peak_rss_mb, train_steps
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from studyrec.models import MODELS
+
     p = argparse.ArgumentParser(prog="python -m benchmarks.eval_throughput", description=__doc__.split("\n")[0])
     p.add_argument("--students", type=int, default=100_000)
     p.add_argument("--preset", default="default", choices=["default", "cpu-small", "paper"],
                    help="model sizes (default: the tiny default preset)")
-    p.add_argument("--model", default="study", choices=["study", "individual"])
+    p.add_argument("--model", default="study", choices=tuple(MODELS))
     p.add_argument("--batch", type=int, default=0,
                    help="evaluation rows per device batch (default: the preset's per-device batch, as experiments.train)")
     p.add_argument("--k", type=int, default=20)
@@ -43,16 +45,16 @@ def main(argv: list[str] | None = None) -> dict:
     import pandas as pd
 
     from studyrec.data import ClassroomPacker, Interactions, Vocabulary, make_chunks
-    from studyrec.data.generate import generate
+    from studyrec.data.generate import GenerateConfig, generate
     from studyrec.evaluate import model_eval
     from studyrec.models import build
-    from studyrec.train.config import PRESETS
-    from studyrec.train.mesh import make_mesh, place_batch, shard_params
+    from studyrec.config import PRESETS
+    from studyrec.sharding import make_mesh, place_batch, shard_params
     from studyrec.train.step import make_optimizer, make_train_step
 
     cfg = PRESETS[args.preset]
     log(f"generating {args.students:,} students ...")
-    gen = generate(n_students=args.students, seed=args.seed, n_titles=2400)
+    gen = generate(GenerateConfig(n_students=args.students, seed=args.seed, n_titles=2400))
 
     def framed(df: pd.DataFrame) -> pd.DataFrame:
         out = df[["StudentID", "SHLF_NUM"]].copy()
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     t1 = time.perf_counter()
     # Compile on one batch first, so the timed pass is steady state (compile time reported apart).
     warm, _ = layout.batch(0, global_batch)
-    jax.block_until_ready(model_eval.top_titles(inference, place_batch(warm, mesh), args.k, vocab.num_titles))
+    jax.block_until_ready(model_eval.top_titles_everywhere(inference, place_batch(warm, mesh), args.k, vocab.num_titles))
     t2 = time.perf_counter()
     log(f"  layout {t1 - t0:.1f}s ({layout.num_rows:,} rows for {data.num_interactions:,} interactions); compile {t2 - t1:.1f}s")
     topk = model_eval.predict_topk(
@@ -98,12 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     train_batch = place_batch(packer.random_rows(0, np.arange(global_batch, dtype=np.int64)), mesh)
     # Donated buffers: train a copy, so the inference model keeps its arrays.
     m, o = jax.tree.map(lambda x: x.copy() if eqx.is_array(x) else x, model), opt_state
-    times = []
-    for i in range(4):
-        t = time.perf_counter()
-        m, o, sums = step(m, o, train_batch, jax.random.key(i))
-        jax.block_until_ready(sums)
-        times.append(time.perf_counter() - t)
+    *_, times = train_steps(step, m, o, train_batch, [jax.random.key(i) for i in range(4)])
     train_tokens_per_s = global_batch * cfg.seq_len / statistics.median(times[1:])
 
     record = {
@@ -131,10 +128,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     # --- recommendation through Run.recommend, when it exists --------------------------------------
     try:
-        from studyrec.run import Run
+        from studyrec.recommend import Run
     except ImportError as e:
         Run = None
-        record["recommend"] = f"skipped: studyrec.run.Run is not available ({e})"
+        record["recommend"] = f"skipped: studyrec.recommend.Run is not available ({e})"
     if Run is not None and not hasattr(Run, "recommend"):
         record["recommend"] = "skipped: Run has no recommend()"
         Run = None
@@ -161,11 +158,11 @@ def main(argv: list[str] | None = None) -> dict:
         # Run.recommend picks its own batch (64 rows on CPU, else a memory budget of at most 512): a warm-up call on
         # 512 students compiles that shape, then the timed pass reuses it.
         run.recommend(train, gen.student_info, k=args.k, students=everyone[:512], progress=False, batch_size=args.recommend_batch)
-        t = time.perf_counter()
-        recs = run.recommend(
-            train, gen.student_info, k=args.k, students=students, progress=False, batch_size=args.recommend_batch
-        )
-        rec_s = time.perf_counter() - t
+        with Stopwatch() as watch:
+            recs = run.recommend(
+                train, gen.student_info, k=args.k, students=students, progress=False, batch_size=args.recommend_batch
+            )
+        rec_s = watch.seconds
         n_rec = int(recs["StudentID"].nunique())
         record.update({
             "recommend_students": n_rec, "recommend_batch": args.recommend_batch or "auto",

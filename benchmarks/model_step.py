@@ -16,16 +16,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 from benchmarks.common import (
     base_record,
+    compile_timed,
     decoder_flops_per_token,
     emit,
     generated_packer,
     interleaved,
     log,
     matmul_kernel,
+    matmul_rates,
     peak_rss_mb,
 )
 
@@ -36,7 +37,8 @@ def build_step(model, oov: int, dropout: bool):
     import jax
     import jax.numpy as jnp
 
-    from studyrec.train.step import batched_logits, weighted_metrics
+    from studyrec.models import batched_logits
+    from studyrec.train.step import weighted_metrics
 
     params, static = eqx.partition(model, eqx.is_inexact_array)
 
@@ -70,9 +72,11 @@ def output_layer_step(rows: int, d: int, V: int, dtype: str):
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from studyrec.models import MODELS
+
     p = argparse.ArgumentParser(prog="python -m benchmarks.model_step", description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="paper", choices=["paper", "cpu-small"])
-    p.add_argument("--model", default="study", choices=["study", "individual"])
+    p.add_argument("--model", default="study", choices=tuple(MODELS))
     p.add_argument("--batch", type=int, default=0, help="rows per step (default: 32 on CPU, the preset's on accelerators)")
     p.add_argument("--seq-len", type=int, default=65)
     p.add_argument("--chunk", type=int, default=0, help="student chunk size (default: the preset's)")
@@ -92,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
     import numpy as np
 
     from studyrec.models import build
-    from studyrec.train.config import PRESETS
+    from studyrec.config import PRESETS
 
     preset = PRESETS[args.preset]
     arch = preset.arch if args.dtype == "auto" else dataclasses.replace(preset.arch, dtype=args.dtype)
@@ -116,9 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     step, params = build_step(model, vocab.oov, dropout=not args.no_dropout)
     key = jax.random.key(1)
 
-    t = time.perf_counter()
-    compiled = step.lower(params, sample, key).compile()
-    compile_s = time.perf_counter() - t
+    compiled, compile_s = compile_timed(step, params, sample, key)
     log(f"compiled in {compile_s:.1f}s; timing {args.repeats} steps of {batch}x{args.seq_len}")
 
     jax.block_until_ready(compiled(params, sample, key))  # warm-up
@@ -134,8 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
     # Steps, the peak matmul and the output layer alone, alternating: each sees the same outside load.
     times = interleaved(fns, args.repeats)
     best, median = min(times["step"]), statistics.median(times["step"])
-    peak = {"peak_flops": peak_flop / min(times["matmul"]), "peak_flops_median": peak_flop / statistics.median(times["matmul"]),
-            "peak_n": peak_n, "peak_dtype": config.dtype}
+    peak = matmul_rates(peak_flop, times["matmul"], peak_n, config.dtype)
     achieved = flops["train"] * tokens / best
 
     parts = {}

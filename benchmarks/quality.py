@@ -16,15 +16,16 @@ import dataclasses
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
 import tyro
 
+from benchmarks.common import Stopwatch, json_line, log
 from experiments.cli import EXIT_BAD_INPUT
 from studyrec.data.atomic import write_text_atomic
 from studyrec.evaluate.compare import paired_difference
+from studyrec.models import MODELS
 
 # (b, a) pairs whose difference b - a the targets are about; a missing run is skipped.
 COMPARISONS = (
@@ -43,8 +44,8 @@ class QualityConfig:
     """Generated datasets, by number of students."""
     movielens: bool = True
     """Also MovieLens-100k (skipped when it cannot be downloaded)."""
-    models: tuple[str, ...] = ("individual", "study", "study-lagfree")
-    """Models to train."""
+    models: tuple[str, ...] = tuple(MODELS)
+    """Models to train (names in studyrec.models.MODELS; default: all of them)."""
     baselines: tuple[str, ...] = (
         "popularity", "popularity_by_grade", "knn", "classmates_recent", "classmates_recent_lagged", "own_last",
     )
@@ -53,7 +54,7 @@ class QualityConfig:
     """Passes over each dataset's training interactions per model (about 1,200 cpu-small steps on 15k students); the best checkpoint by validation accuracy is kept."""
     chunk_sizes: tuple[tuple[str, int], ...] = (("individual", 16), ("study", 8), ("study-lagfree", 4))
     """Chunk length per model on the generated classrooms: smaller chunks put more classmates in a 65-token row."""
-    movielens_chunk_sizes: tuple[tuple[str, int], ...] = (("individual", 16), ("study", 16), ("study-lagfree", 16))
+    movielens_chunk_sizes: tuple[tuple[str, int], ...] = tuple((name, 16) for name in MODELS)
     """Chunk length per model on MovieLens, whose zip-code "classrooms" carry little signal: each model keeps Individual's own history."""
     eval_every: int = 100
     """Steps between the validation accuracies that pick the best checkpoint."""
@@ -76,16 +77,16 @@ def data_sets(cfg: QualityConfig, root: Path) -> dict[str, Path]:
             try:
                 run([sys.executable, "-m", "experiments.datasets", "movielens", "--out", str(path)])
             except subprocess.CalledProcessError:
-                print("MovieLens-100k could not be had; skipping it", file=sys.stderr)
+                log("MovieLens-100k could not be had; skipping it")
                 return sets
         sets["movielens-100k"] = path
     return sets
 
 
 def run(command: list[str]) -> float:
-    start = time.perf_counter()
-    subprocess.run(command, check=True)
-    return time.perf_counter() - start
+    with Stopwatch() as watch:
+        subprocess.run(command, check=True)
+    return watch.seconds
 
 
 def data_flags(path: Path) -> list[str]:
@@ -117,6 +118,10 @@ def row(dataset: str, name: str, run_dir: Path, seconds: float, chunk: int | Non
 
 
 def main(cfg: QualityConfig) -> pd.DataFrame:
+    unknown = [m for m in cfg.models if m not in MODELS]
+    if unknown:
+        print(f"error: --models: unknown {', '.join(unknown)} (choose from {', '.join(MODELS)})", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
     for flag, sizes in (("--chunk-sizes", cfg.chunk_sizes), ("--movielens-chunk-sizes", cfg.movielens_chunk_sizes)):
         missing = [m for m in cfg.models if m not in dict(sizes)]
         if missing:
@@ -147,10 +152,10 @@ def main(cfg: QualityConfig) -> pd.DataFrame:
     markdown = "\n\n".join(_markdown(t) for t in (table, differences) if not t.empty)
     print(markdown)
     write_text_atomic(root / "quality.md", markdown + "\n")
-    print(json.dumps({
+    json_line({
         "benchmark": "quality", "epochs": cfg.epochs, "preset": "cpu-small", "rows": rows,
         "differences": differences.to_dict("records"),
-    }))
+    })
     return table
 
 

@@ -18,26 +18,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import numpy as np
 
-from benchmarks.common import decoder_flops_per_token, emit, generated_packer, log, peak_rss_mb
-
-
-def _time(fn, repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
+from benchmarks.common import compile_timed, decoder_flops_per_token, emit, generated_packer, log, peak_rss_mb, timed
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from studyrec.models import MODELS
+
     p = argparse.ArgumentParser(prog="python -m benchmarks.scaling", description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="cpu-small", choices=["cpu-small", "paper", "default"])
-    p.add_argument("--model", default="study", choices=["study", "individual"])
+    p.add_argument("--model", default="study", choices=tuple(MODELS))
     p.add_argument("--seq-lens", type=int, nargs="*", default=[65, 129, 257, 513])
     p.add_argument("--class-sizes", type=int, nargs="*", default=[5, 15, 30, 60, 120])
     p.add_argument("--tokens", type=int, default=32 * 65, help="tokens per step (rows = tokens // seq_len)")
@@ -52,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from benchmarks.model_step import build_step
     from studyrec.models import build
-    from studyrec.train.config import PRESETS
+    from studyrec.config import PRESETS
 
     preset = PRESETS[args.preset]
     platform = jax.default_backend()
@@ -72,12 +64,9 @@ def main(argv: list[str] | None = None) -> dict:
         sample = jax.device_put(packer.random_rows(0, np.arange(rows, dtype=np.int64)))
         config, model = make(T)
         step, params = build_step(model, vocab.oov, dropout=not args.no_dropout)
-        t = time.perf_counter()
-        compiled = step.lower(params, sample, key).compile()
-        compile_s = time.perf_counter() - t
+        compiled, compile_s = compile_timed(step, params, sample, key)
         run = lambda: jax.block_until_ready(compiled(params, sample, key))  # noqa: E731
-        run()
-        times = _time(run, args.repeats)
+        times = timed(run, args.repeats, warmup=1)
         best = min(times)
         flops = decoder_flops_per_token(config, T)
         by_seq.append({
@@ -96,15 +85,14 @@ def main(argv: list[str] | None = None) -> dict:
         for size in args.class_sizes:
             packer, vocab = generated_packer(args.students, seq_len=T, chunk=min(args.chunk, T), class_size=(size, size))
             B = 1024
-            pack_t = _time(lambda: packer.random_rows(0, np.arange(B, dtype=np.int64)), args.repeats)
+            pack_t = timed(lambda: packer.random_rows(0, np.arange(B, dtype=np.int64)), args.repeats)
             host = packer.random_rows(0, np.arange(rows, dtype=np.int64))
             sample = jax.device_put(host)
             if compiled is None:
                 step, params = build_step(model, vocab.oov, dropout=not args.no_dropout)
                 compiled = step.lower(params, sample, key).compile()
             run = lambda: jax.block_until_ready(compiled(params, sample, key))  # noqa: E731
-            run()
-            times = _time(run, args.repeats)
+            times = timed(run, args.repeats, warmup=1)
             students_per_row = float(host.segments.max(axis=1).mean())
             by_class.append({
                 "class_size": size, "pack_rows_per_s": B / min(pack_t), "step_s": min(times),

@@ -26,13 +26,27 @@ import argparse
 import statistics
 import time
 
-from benchmarks.common import CompileCounter, decoder_flops_per_token, emit, generated_packer, log, matmul_kernel, peak_rss_mb
+from benchmarks.common import (
+    CompileCounter,
+    decoder_flops_per_token,
+    emit,
+    generated_packer,
+    log,
+    matmul_kernel,
+    matmul_rates,
+    mean_loss,
+    peak_rss_mb,
+    timed,
+    train_steps,
+)
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from studyrec.models import MODELS
+
     p = argparse.ArgumentParser(prog="python -m benchmarks.train", description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="cpu-small", choices=["cpu-small", "paper", "default"])
-    p.add_argument("--model", default="study", choices=["study", "individual"])
+    p.add_argument("--model", default="study", choices=tuple(MODELS))
     p.add_argument("--batch", type=int, default=0, help="per-device batch (default: the preset's)")
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first compiles)")
@@ -47,8 +61,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     from studyrec.data.pipeline import prefetching, training_batches
     from studyrec.models import build
-    from studyrec.train.config import PRESETS
-    from studyrec.train.mesh import make_mesh, place_batch, shard_params
+    from studyrec.config import PRESETS
+    from studyrec.sharding import make_mesh, place_batch, shard_params
     from studyrec.train.step import make_optimizer, make_train_step
 
     cfg = PRESETS[args.preset]
@@ -76,12 +90,6 @@ def main(argv: list[str] | None = None) -> dict:
     )
     run_peak, peak_flop, peak_n = matmul_kernel(config.dtype)
     peak_times = []
-
-    def time_peak(k: int = 3):
-        for _ in range(k):
-            t = time.perf_counter()
-            run_peak()
-            peak_times.append(time.perf_counter() - t)
 
     step_times, waits, place_times, fixed_times, totals = [], [], [], [], []
     first_step_s = fixed = None
@@ -111,18 +119,19 @@ def main(argv: list[str] | None = None) -> dict:
                 step_times.append(t3 - t2)
                 # The same step on one fixed, pre-placed batch, alternating with the pipelined steps so
                 # that outside load hits both alike: no packing competes with it for the cores.
-                t = time.perf_counter()
-                model, opt_state, sums = step_fn(model, opt_state, fixed, jax.random.fold_in(dropout_key, 10**6 + step))
-                jax.block_until_ready(sums)
-                fixed_times.append(time.perf_counter() - t)
-                time_peak(1)  # and the matmul peak, so that all three see the same outside load
+                model, opt_state, sums, times = train_steps(
+                    step_fn, model, opt_state, fixed, [jax.random.fold_in(dropout_key, 10**6 + step)]
+                )
+                fixed_times += times
+                peak_times += timed(run_peak, 1)  # and the matmul peak, so that all three see the same outside load
         recompiles = compiles.count - compiles_before
-    loss = float(sums["loss_sum"]) / max(float(sums["weight"]), 1.0)
+    loss = mean_loss(sums)
 
     tokens = global_batch * cfg.seq_len
     flops = decoder_flops_per_token(config, cfg.seq_len)["train"] * tokens
     med_step = statistics.median(step_times)
-    peak = peak_flop / min(peak_times)
+    rates = matmul_rates(peak_flop, peak_times, peak_n, config.dtype)
+    peak = rates["peak_flops"]
     record = {
         "preset": args.preset,
         "model": args.model,
@@ -148,10 +157,10 @@ def main(argv: list[str] | None = None) -> dict:
         "place_fraction": sum(place_times) / wall,
         "achieved_flops": flops * args.steps / wall,
         "peak_fraction": flops / min(totals) / peak,
-        "peak_fraction_median": (flops / statistics.median(totals)) / (peak_flop / statistics.median(peak_times)),
+        "peak_fraction_median": (flops / statistics.median(totals)) / rates["peak_flops_median"],
         "peak_fraction_fixed_batch": flops / min(fixed_times) / peak,
         "peak_flops": peak,
-        "peak_flops_median": peak_flop / statistics.median(peak_times),
+        "peak_flops_median": rates["peak_flops_median"],
         "peak_n": peak_n,
         "first_step_s": first_step_s,
         "compile_s": first_step_s - med_step if first_step_s else None,

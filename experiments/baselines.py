@@ -16,7 +16,6 @@ The evaluation context mirrors the models':
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from typing import Literal
 
@@ -80,7 +79,7 @@ def _frame(data, rows):
 
 def check_flags(cfg: BaselineConfig) -> None:
     """Rejects flag values that cannot work, before anything is read or written."""
-    from studyrec.train.config import check_n_recommendations, check_output_dir, check_vocab_size
+    from studyrec.config import check_n_recommendations, check_output_dir, check_vocab_size
 
     check_n_recommendations(tuple(cfg.n_recommendations))
     check_vocab_size(cfg.vocab_size)
@@ -122,7 +121,7 @@ def run_baseline(cfg: BaselineConfig):
     from pathlib import Path
 
     from studyrec.data import dataset
-    from studyrec.data.atomic import write_text_atomic
+    from studyrec import rundir
     from studyrec.evaluate import model_eval
     from studyrec.evaluate.metrics import write_tables
     from studyrec.train.lock import RunDirectoryLock
@@ -143,7 +142,7 @@ def run_baseline(cfg: BaselineConfig):
             "vocab_size": len(vocab),
             "eval_context": cfg.eval_context,
         }
-        write_text_atomic(out / "config.json", json.dumps(record, indent=2))
+        rundir.write_config(out, record)
         write_tables(out, per_student, aggregate)
         model_eval.write_recommendations(out / "recommendations.json", data, topk, vocab)
     print(aggregate.to_string(index=False))

@@ -1,9 +1,7 @@
 """Shared command-line plumbing: presets under tyro, and clean errors with fixed exit codes.
 
-Exit codes: 0 done; 1 an operating-system failure such as a full disk (one ``error:`` line);
-2 bad input, a flag or a file (one ``error:`` line: what, where, how to fix it); 3 training
-diverged (a non-finite loss; the last good checkpoint is kept); 130 stopped by SIGINT or SIGTERM
-(during training, after saving a checkpoint). ``--debug`` shows the traceback instead.
+Exit codes are :mod:`studyrec.errors`'s: a failure the library names gets one ``error:`` line and
+its code (2 for bad input); ``--debug`` shows the traceback instead.
 
 Compiled steps are cached across runs (a resume or a rerun starts in seconds, not a recompile), in
 ``$XDG_CACHE_HOME/studyrec/jax`` (``~/.cache/studyrec/jax`` when XDG_CACHE_HOME is unset); the
@@ -24,10 +22,7 @@ from typing import TypeVar
 
 from absl import flags as absl_flags
 
-EXIT_FAILED = 1
-EXIT_BAD_INPUT = 2
-EXIT_DIVERGED = 3
-EXIT_INTERRUPTED = 130
+from studyrec.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, exit_code
 
 T = TypeVar("T")
 
@@ -140,22 +135,6 @@ def parse_flags(config_type: type[T], *, default: T, args: Sequence[str], prog: 
         sys.exit(EXIT_BAD_INPUT)
     sys.stderr.write(captured.getvalue())  # warnings from a successful parse
     return config
-
-
-BAD_INPUT = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
-"""Bad input (DataError is a ValueError): exit code 2."""
-
-
-def exit_code(error: BaseException) -> int | None:
-    """The exit code for an error that deserves one line, or None for a bug (shown as a traceback)."""
-    loop = sys.modules.get("studyrec.train.loop")  # TrainingError exists only once training was imported
-    if loop is not None and isinstance(error, loop.TrainingError):
-        return EXIT_DIVERGED
-    if isinstance(error, BAD_INPUT):
-        return EXIT_BAD_INPUT
-    if isinstance(error, OSError):
-        return EXIT_FAILED
-    return None
 
 
 def _close_progress_bars() -> None:

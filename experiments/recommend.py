@@ -84,7 +84,7 @@ def recommend(cfg: RecommendConfig) -> None:
 
     from studyrec.data.atomic import write_text_atomic
     from studyrec.data.io import check_students, load_activity, load_school_info, load_student_info
-    from studyrec.run import load_run
+    from studyrec.recommend import load_run
 
     run = load_run(cfg.run, step=cfg.step)
     activity = load_activity(*cfg.activity)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 
 from experiments.cli import EXIT_BAD_INPUT, parse_flags, preset_from_argv, run_cli, setup_logging
-from studyrec.train.config import PRESETS, TrainConfig
+from studyrec.config import PRESETS, TrainConfig
 
 
 def parse(argv: list[str]) -> TrainConfig:

@@ -511,7 +511,7 @@ def test_recommend_refuses_an_as_of_outside_the_window(odd_copy, tmp_path, capsy
 
 
 def test_recommend_on_a_frame_names_the_row(odd_copy):
-    from studyrec.run import load_run
+    from studyrec.recommend import load_run
 
     frame = pd.DataFrame({"StudentID": [101, 101], "SHLF_NUM": ["007", "7"],
                           "timestamp": [int(pd.Timestamp(d, tz="UTC").timestamp()) for d in ("2023-01-02", "2200-01-01")]})

@@ -29,8 +29,8 @@ from experiments import recommend as recommend_cli
 from studyrec.data.generate import sample_data_paths
 from studyrec.data.io import load_activity
 from studyrec.data.vocab import Vocabulary
-from studyrec.run import load_run
-from studyrec.train.checkpoint import CHECKSUMS, CheckpointMismatch, Checkpoints, _file_digests
+from studyrec.recommend import load_run
+from studyrec.checkpoint import CHECKSUMS, CheckpointMismatch, Checkpoints, _file_digests
 from studyrec.train.step import make_optimizer
 
 NEWEST, PREVIOUS = 4, 2
@@ -223,7 +223,7 @@ def test_load_run_skips_an_uncommitted_checkpoint_whose_arrays_are_damaged(run, 
     (step_dir / CHECKSUMS).unlink()  # a run killed before it sealed its newest save
     flip(step_dir / largest_params_file(run))
     before = listing(run)
-    with caplog.at_level(logging.WARNING, "studyrec.run"):
+    with caplog.at_level(logging.WARNING, "studyrec.recommend"):
         loaded = load_run(run)
     assert loaded.step == PREVIOUS and same(params(loaded.model), saved_params[PREVIOUS])
     assert f"checkpoint {step_dir} is not committed" in caplog.text
@@ -233,7 +233,7 @@ def test_load_run_skips_an_uncommitted_checkpoint_whose_arrays_are_damaged(run, 
 @pytest.mark.parametrize("scale", [np.nan, np.inf])
 def test_load_run_refuses_non_finite_parameters_even_when_committed(run, saved_params, caplog, scale):
     save_weights(run, 6, scale)
-    with caplog.at_level(logging.WARNING, "studyrec.run"):
+    with caplog.at_level(logging.WARNING, "studyrec.recommend"):
         loaded = load_run(run)
     assert loaded.step == NEWEST and same(params(loaded.model), saved_params[NEWEST])
     assert "non-finite" in caplog.text
@@ -293,7 +293,7 @@ def test_runs_saved_before_fingerprints_load_with_a_warning(run, saved_params, c
         del meta["vocab_fingerprint"]
         (step_dir / "meta" / "metadata").write_text(json.dumps(meta))
         reseal(step_dir)
-    with caplog.at_level(logging.WARNING, "studyrec.run"):
+    with caplog.at_level(logging.WARNING, "studyrec.recommend"):
         loaded = load_run(run)
     assert loaded.step == NEWEST and same(params(loaded.model), saved_params[NEWEST])
     assert "cannot be verified" in caplog.text

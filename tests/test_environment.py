@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from experiments import baselines
-from studyrec.train.config import WandbConfig, resolve_wandb
+from studyrec.config import WandbConfig, resolve_wandb
 from studyrec.train.lock import LOCK_FILE, RunDirectoryBusy, RunDirectoryLock
 
 ROOT = Path(__file__).resolve().parents[1]

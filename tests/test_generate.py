@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import filecmp
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,8 @@ import pytest
 
 from studyrec.data.generate import (
     FILE_NAMES,
-    SAMPLE_SETTINGS,
+    SAMPLE,
+    GenerateConfig,
     generate,
     heuristic_hits,
     sample_data_paths,
@@ -22,14 +25,14 @@ from studyrec.data.io import check_schools, check_students, load_activity, load_
 
 @pytest.fixture(scope="module")
 def data():
-    return generate(400, seed=5)
+    return generate(GenerateConfig(n_students=400, seed=5))
 
 
 def test_same_seed_same_data_other_seed_other_data(data):
-    again = generate(400, seed=5)
+    again = generate(GenerateConfig(n_students=400, seed=5))
     for name in ("train", "valid", "student_info", "school_info"):
         pd.testing.assert_frame_equal(getattr(data, name), getattr(again, name))
-    other = generate(400, seed=6)
+    other = generate(GenerateConfig(n_students=400, seed=6))
     assert not data.train["SHLF_NUM"].equals(other.train["SHLF_NUM"])
 
 
@@ -81,7 +84,7 @@ def title_overlap(data) -> tuple[float, float]:
 def test_classmates_share_titles_more_than_strangers(data):
     classmates, strangers = title_overlap(data)
     assert classmates > 2.5 * strangers, (classmates, strangers)
-    classmates0, strangers0 = title_overlap(generate(400, seed=5, classroom_effect=0.0))
+    classmates0, strangers0 = title_overlap(generate(GenerateConfig(n_students=400, seed=5, classroom_effect=0.0)))
     assert classmates0 < 1.3 * strangers0, (classmates0, strangers0)
 
 
@@ -89,7 +92,7 @@ def test_heuristic_hit_rates_follow_the_classroom_effect(data):
     hits = heuristic_hits(data)
     assert 0.28 < hits["classmates"] < 0.5, hits
     assert 0.1 < hits["own_last"] < 0.28, hits
-    flat = heuristic_hits(generate(400, seed=5, classroom_effect=0.0))
+    flat = heuristic_hits(generate(GenerateConfig(n_students=400, seed=5, classroom_effect=0.0)))
     assert flat["classmates"] < hits["classmates"] - 0.15, (flat, hits)
 
 
@@ -115,16 +118,32 @@ def test_bundled_sample_loads_is_small_and_is_reproducible(tmp_path: Path):
     assert check_schools(info, schools, info_path=paths["student_info"], school_path=paths["school_info"]) == 0
     per_student = activity.groupby("StudentID").size()
     assert 250 <= len(per_student) <= 300 and 20 <= per_student.mean() <= 45
-    fresh = write(generate(**SAMPLE_SETTINGS), tmp_path)
+    fresh = write(generate(SAMPLE), tmp_path)
     for key, path in paths.items():
         assert filecmp.cmp(path, fresh[key], shallow=False), f"{path} differs: regenerate with write_sample_data()"
 
 
 def test_bad_settings_are_rejected():
     with pytest.raises(ValueError, match="classroom_effect"):
-        generate(50, classroom_effect=1.5)
+        generate(GenerateConfig(n_students=50, classroom_effect=1.5))
     with pytest.raises(ValueError, match="valid_weeks"):
-        generate(50, weeks=4, valid_weeks=4)
+        generate(GenerateConfig(n_students=50, weeks=4, valid_weeks=4))
+    with pytest.raises(ValueError, match=r"need 1 <= class_size\[0\]"):
+        generate(GenerateConfig(n_students=50, class_size=(20, 10)))
+    with pytest.raises(ValueError, match="n_titles 2 must be at least 4"):
+        GenerateConfig(n_titles=2).validate()
+
+
+def test_generate_data_cli_has_one_flag_per_public_generator_setting(capsys):
+    from experiments.generate_data import LIBRARY_ONLY, main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    flags = set(re.findall(r"--[a-z][a-z-]*", capsys.readouterr().out))
+    settings = {"--" + f.name.replace("_", "-") for f in dataclasses.fields(GenerateConfig) if f.name not in LIBRARY_ONLY}
+    assert flags == settings | {"--help", "--out", "--check", "--no-check", "--debug", "--no-debug"}
+    assert set(LIBRARY_ONLY) <= {f.name for f in dataclasses.fields(GenerateConfig)}
 
 
 def test_generate_data_cli_writes_and_reports(tmp_path: Path, capsys):

@@ -27,7 +27,8 @@ from experiments import recommend as recommend_cli
 from experiments.train import main as train_main
 from experiments.train import parse
 from studyrec.data.packing import Sample
-from studyrec.evaluate.topk import target_ranks_jax, title_mask
+from studyrec.evaluate.metrics import target_ranks
+from studyrec.evaluate.topk import top_titles
 from studyrec.models import ModelConfig, build
 from studyrec.train import memory
 from studyrec.train.loop import check_flags
@@ -334,10 +335,12 @@ def test_device_top_k_over_fewer_allowed_titles_than_k():
     num_titles, k = 2, 5
     logits = jnp.asarray(np.random.default_rng(0).normal(size=(3, num_titles + 3)), jnp.float32)
     targets = jnp.asarray([1, 2, num_titles + 2])  # two titles, then OOV (disallowed)
-    ids, ranks = target_ranks_jax(logits, targets, k, jnp.asarray(title_mask(num_titles)))
+    ids, scores = top_titles(logits, k, num_titles)
+    ids, ranks = np.asarray(ids), target_ranks(np.asarray(ids), np.asarray(targets))
     assert ids.shape == (3, k)
-    assert (np.sort(np.asarray(ids)[:, :2], axis=1) == [1, 2]).all() and (np.asarray(ids)[:, 2:] == -1).all()
-    assert np.asarray(ranks)[2] == k and (np.asarray(ranks)[:2] < 2).all()
+    assert (np.sort(ids[:, :2], axis=1) == [1, 2]).all() and (ids[:, 2:] == 0).all()
+    assert np.isfinite(np.asarray(scores)[:, :2]).all() and np.isneginf(np.asarray(scores)[:, 2:]).all()
+    assert ranks[2] == k and (ranks[:2] < 2).all()
 
 
 def test_training_jobs_in_one_process_do_not_accumulate_memory_maps(tmp_path):
@@ -346,7 +349,7 @@ def test_training_jobs_in_one_process_do_not_accumulate_memory_maps(tmp_path):
     Without that, every job kept about two thousand memory maps and a few dozen jobs reached the
     kernel's vm.max_map_count, where XLA aborts the process.
     """
-    from studyrec.train.config import TrainConfig, WandbConfig
+    from studyrec.config import TrainConfig, WandbConfig
     from studyrec.train.loop import train
 
     def maps() -> int:

@@ -19,8 +19,7 @@ from studyrec.evaluate import (
     score_stats,
     subset_masks,
     target_ranks,
-    target_ranks_jax,
-    title_mask,
+    top_titles,
     write_tables,
 )
 
@@ -168,18 +167,21 @@ def test_tables_and_files(tmp_path):
     assert pd.read_csv(tmp_path / "out" / "per_student.csv").columns.tolist() == PER_STUDENT_COLUMNS
 
 
-def test_jax_topk_excludes_disallowed_and_agrees_with_numpy():
+def test_device_top_titles_skip_non_titles_and_excluded_and_agree_with_numpy():
     num_titles, k = 12, 5
-    allowed = title_mask(num_titles)
-    assert allowed.tolist() == [False] + [True] * 12 + [False] * 2
     logits = np.array(jax.random.normal(jax.random.key(0), (2, 3, num_titles + 3)))
     logits[..., 0] = logits[..., -1] = logits[..., -2] = 100.0  # pad, SEP and OOV would win
-    masked = np.where(allowed, logits, -np.inf)
+    exclude = np.zeros((2, 3, 2), np.int32)
+    exclude[0, 0] = np.argmax(logits[0, 0, 1 : num_titles + 1]) + 1, 0  # the best title, then padding
+    masked = np.full_like(logits, -np.inf)
+    masked[..., 1 : num_titles + 1] = logits[..., 1 : num_titles + 1]
+    masked[0, 0, exclude[0, 0, 0]] = -np.inf
     expected = np.argsort(-masked, axis=-1, kind="stable")[..., :k]
     targets = np.array([[expected[0, 0, 2], 0, num_titles + 2], [expected[1, 0, 0], expected[1, 1, 4], 1]])
-    topk, ranks = target_ranks_jax(jnp.asarray(logits), jnp.asarray(targets), k, jnp.asarray(allowed))
-    topk, ranks = np.asarray(topk), np.asarray(ranks)
+    topk, scores = top_titles(jnp.asarray(logits), k, num_titles, jnp.asarray(exclude))
+    topk, scores = np.asarray(topk), np.asarray(scores)
     np.testing.assert_array_equal(topk, expected)
-    assert allowed[topk].all()
-    assert ranks[0].tolist()[:3] == [2, k, k] and ranks[1, :2].tolist() == [0, 4]
-    np.testing.assert_array_equal(ranks.ravel(), target_ranks(topk.reshape(-1, k), targets.ravel()))
+    np.testing.assert_allclose(scores, np.take_along_axis(masked, expected, -1))
+    assert exclude[0, 0, 0] not in topk[0, 0]
+    ranks = target_ranks(topk.reshape(-1, k), targets.ravel()).reshape(2, 3)
+    assert ranks[0].tolist() == [2, k, k] and ranks[1, :2].tolist() == [0, 4]

@@ -21,7 +21,7 @@ import pytest
 
 from experiments import launch_parallel
 from studyrec.models import ModelConfig, build
-from studyrec.train.checkpoint import Checkpoints
+from studyrec.checkpoint import Checkpoints
 from studyrec.train.distributed import EXIT_TIMEOUT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,7 +202,7 @@ def test_a_process_that_dies_stops_the_others(tmp_path):
         "import numpy as np\n"
         "from jax.experimental import multihost_utils\n"
         "from studyrec.train import distributed\n"
-        "from studyrec.train.config import DistConfig\n"
+        "from studyrec.config import DistConfig\n"
         "pid, port = int(sys.argv[1]), sys.argv[2]\n"
         "distributed.initialize(DistConfig(coordinator_address=f'127.0.0.1:{port}', num_processes=2, process_id=pid,"
         " timeout_s=5))\n"

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from studyrec.models import ModelConfig, build
-from studyrec.train.checkpoint import CHECKSUMS, CheckpointMismatch, Checkpoints
+from studyrec.checkpoint import CHECKSUMS, CheckpointMismatch, Checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data" / "bad"

@@ -20,9 +20,9 @@ import pytest
 import studyrec
 from studyrec.data.vocab import Vocabulary
 from studyrec.models import ModelConfig, Study, build
-from studyrec.run import Run, load_run
-from studyrec.train.checkpoint import Checkpoints
-from studyrec.train.config import ArchConfig, TrainConfig, WandbConfig
+from studyrec.recommend import Run, load_run
+from studyrec.checkpoint import Checkpoints
+from studyrec.config import ArchConfig, TrainConfig, WandbConfig
 
 
 @functools.cache

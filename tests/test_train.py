@@ -14,10 +14,11 @@ from studyrec.data.interactions import make_chunks
 from studyrec.data.packing import ClassroomPacker
 from studyrec.data.vocab import UNDEF
 from studyrec.models import build
-from studyrec.train.checkpoint import Checkpoints
-from studyrec.train.config import PRESETS, STUDY_OWN_BIAS, ArchConfig, TrainConfig, WandbConfig
+from studyrec.checkpoint import Checkpoints
+from studyrec.models import STUDY_OWN_BIAS
+from studyrec.config import PRESETS, ArchConfig, TrainConfig, WandbConfig
 from studyrec.train.loop import check_flags, resolve_steps, train
-from studyrec.train.mesh import make_mesh, place_batch, shard_params
+from studyrec.sharding import make_mesh, place_batch, shard_params
 from studyrec.train.step import make_optimizer, make_train_step, schedule
 
 TINY_ARCH = ArchConfig(num_layers=1, d_model=16, qkv_dim=16, num_heads=2, mlp_dim=32)

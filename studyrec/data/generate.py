@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,81 @@ FILE_NAMES = {
 }
 GRADES = 12
 GRADES_PER_BAND = 3
-SAMPLE_SETTINGS = dict(n_students=300, seed=2023, n_titles=400)
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Settings of :func:`generate`: the world's size, the term, and the reading behaviour."""
+
+    n_students: int = 1000
+    """Number of students (the last class may be smaller than the others)."""
+    seed: int = 0
+    """Random seed; the same seed gives the same data."""
+    classroom_effect: float = 0.7
+    """Probability that a reading is one of the class's recent assignments."""
+    n_titles: int = 1000
+    """Catalogue size, split evenly over the grade bands 1-3, 4-6, 7-9 and 10-12."""
+    weeks: int = 20
+    """Length of the term in weeks; only Monday to Friday are school days."""
+    valid_weeks: int = 4
+    """The last weeks of the term, which form the validation split."""
+    read_prob: float = 0.3
+    """Probability that a student reads on a school day."""
+    weekend_read_prob: float = 0.1
+    """Probability that a student reads on a Saturday or Sunday."""
+    reread_prob: float = 0.2
+    """Probability that a reading outside the class list re-reads the student's last title."""
+    class_size: tuple[int, int] = (15, 30)
+    """Inclusive range of class sizes."""
+    classes_per_school: int = 6
+    """Classes (distinct grades) per school."""
+    schools_per_district: int = 4
+    """Schools per district."""
+    assign_every: tuple[int, int] = (2, 4)
+    """Inclusive range of school days between two assignments of a class."""
+    recent_assignments: int = 2
+    """How many of the latest assignments a class reading picks from."""
+    recent_decay: float = 0.3
+    """Relative weight of each older assignment (the newest has weight 1)."""
+    zipf_exponent: float = 1.1
+    """Popularity skew of titles within a grade band."""
+    start: str = "2023-01-09"
+    """First day of the term (YYYY-MM-DD)."""
+
+    def validate(self, name: Callable[[str], str] = str) -> None:
+        """Raises ValueError naming the first setting that cannot work.
+
+        ``name`` spells a field in the message: the field itself by default, the flag on the
+        command line (``experiments.generate_data`` passes ``n_students -> --n-students``).
+        """
+        if self.n_students < 1:
+            raise ValueError(f"{name('n_students')} {self.n_students} must be at least 1")
+        if self.n_titles < 4:
+            raise ValueError(f"{name('n_titles')} {self.n_titles} must be at least 4 (one title per grade band)")
+        if self.weeks < 2:
+            raise ValueError(
+                f"{name('weeks')} {self.weeks} must be at least 2 (training weeks, then {name('valid_weeks')})"
+            )
+        if not 1 <= self.valid_weeks < self.weeks:
+            between = f"between 1 and {name('weeks')} - 1 = {self.weeks - 1}"
+            raise ValueError(f"{name('valid_weeks')} {self.valid_weeks} must be {between}")
+        if self.seed < 0:
+            raise ValueError(f"{name('seed')} {self.seed} must be 0 or above")
+        for field in ("classroom_effect", "read_prob", "weekend_read_prob", "reread_prob"):
+            value = getattr(self, field)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name(field)} {value} must be a probability in [0, 1]")
+        try:
+            dt.date.fromisoformat(self.start)
+        except ValueError:
+            raise ValueError(f"{name('start')} {self.start!r} is not a date; write it as YYYY-MM-DD") from None
+        smallest, largest = self.class_size
+        if smallest < 1 or smallest > largest or not 1 <= self.classes_per_school <= GRADES:
+            size = name("class_size")
+            raise ValueError(f"need 1 <= {size}[0] <= {size}[1] and 1 <= {name('classes_per_school')} <= 12")
+
+
+SAMPLE = GenerateConfig(n_students=300, seed=2023, n_titles=400)
 """The settings of the bundled ``sample_data`` (regenerate with :func:`write_sample_data`)."""
 
 
@@ -48,80 +123,40 @@ def _zipf_cdf(n: int, exponent: float) -> np.ndarray:
     return np.cumsum(weights) / weights.sum()
 
 
-def generate(
-    n_students: int = 1000,
-    seed: int = 0,
-    classroom_effect: float = 0.7,
-    *,
-    n_titles: int = 1000,
-    weeks: int = 20,
-    valid_weeks: int = 4,
-    read_prob: float = 0.3,
-    weekend_read_prob: float = 0.1,
-    reread_prob: float = 0.2,
-    class_size: tuple[int, int] = (15, 30),
-    classes_per_school: int = 6,
-    schools_per_district: int = 4,
-    assign_every: tuple[int, int] = (2, 4),
-    recent_assignments: int = 2,
-    recent_decay: float = 0.3,
-    zipf_exponent: float = 1.1,
-    start: str = "2023-01-09",
-) -> GeneratedData:
-    """Generates one school term of reading activity; deterministic for a given ``seed``.
+def generate(config: GenerateConfig) -> GeneratedData:
+    """Generates one school term of reading activity; deterministic for a given ``config.seed``.
 
-    Arguments:
-        n_students: students in total (the last class may be smaller than ``class_size``).
-        seed: the random seed.
-        classroom_effect: probability that a reading is one of the class's recent assignments.
-        n_titles: catalogue size, split evenly over the 4 grade bands (1-3, 4-6, 7-9, 10-12).
-        weeks: term length; only Monday to Friday are school days.
-        valid_weeks: the last weeks of the term that form the validation split.
-        read_prob: probability that a student reads on a given school day.
-        weekend_read_prob: probability that a student reads on a Saturday or Sunday.
-        reread_prob: probability that a non-class reading re-reads the student's last title.
-        class_size: inclusive range of class sizes.
-        classes_per_school: classes (distinct grades) per school.
-        schools_per_district: schools per district.
-        assign_every: inclusive range of school days between two assignments of a class.
-        recent_assignments: how many of the latest assignments a class reading picks from.
-        recent_decay: relative weight of each older assignment (the newest has weight 1).
-        zipf_exponent: popularity skew of titles within a grade band.
-        start: first day of the term (YYYY-MM-DD).
+    Raises ValueError (from :meth:`GenerateConfig.validate`) for settings that cannot work.
     """
-    if not 0.0 <= classroom_effect <= 1.0 or not 0.0 <= reread_prob <= 1.0:
-        raise ValueError("classroom_effect and reread_prob must be probabilities in [0, 1]")
-    if not 0 < valid_weeks < weeks:
-        raise ValueError(f"valid_weeks must be between 1 and weeks - 1 = {weeks - 1}, got {valid_weeks}")
-    if class_size[0] < 1 or class_size[0] > class_size[1] or not 1 <= classes_per_school <= GRADES:
-        raise ValueError("need 1 <= class_size[0] <= class_size[1] and 1 <= classes_per_school <= 12")
-    rng = np.random.default_rng(seed)
+    config.validate()
+    rng = np.random.default_rng(config.seed)
     n_bands = GRADES // GRADES_PER_BAND
-    per_band = max(1, n_titles // n_bands)
+    per_band = max(1, config.n_titles // n_bands)
 
     # classes, schools and districts
-    sizes = rng.integers(class_size[0], class_size[1] + 1, size=n_students // class_size[0] + 1)
+    smallest, largest = config.class_size
+    sizes = rng.integers(smallest, largest + 1, size=config.n_students // smallest + 1)
     bounds = np.cumsum(sizes)
-    class_of = np.searchsorted(bounds, np.arange(n_students), side="right")
+    class_of = np.searchsorted(bounds, np.arange(config.n_students), side="right")
     n_classes = int(class_of.max()) + 1
-    school_of_class = np.arange(n_classes) // classes_per_school
+    school_of_class = np.arange(n_classes) // config.classes_per_school
     n_schools = int(school_of_class.max()) + 1
     grade_order = np.argsort(rng.random((n_schools, GRADES)), axis=1)  # distinct grades per school
-    grade_of_class = grade_order[school_of_class, np.arange(n_classes) % classes_per_school] + 1
+    grade_of_class = grade_order[school_of_class, np.arange(n_classes) % config.classes_per_school] + 1
     band_of_class = (grade_of_class - 1) // GRADES_PER_BAND
-    district_of_school = np.arange(n_schools) // schools_per_district
-    student_ids = 100_000 + rng.choice(10 * n_students, size=n_students, replace=False)
+    district_of_school = np.arange(n_schools) // config.schools_per_district
+    student_ids = 100_000 + rng.choice(10 * config.n_students, size=config.n_students, replace=False)
     school_ids = 1000 + np.arange(n_schools)
 
     # catalogue: a shuffled split of titles into bands; Zipf popularity by rank within a band
     band_titles = rng.permutation(n_bands * per_band).reshape(n_bands, per_band)
-    cdf = _zipf_cdf(per_band, zipf_exponent)
+    cdf = _zipf_cdf(per_band, config.zipf_exponent)
 
     # teachers' reading lists: a title every few school days; assignment days increase along a row
-    n_days = 7 * weeks
-    school_day = (dt.date.fromisoformat(start).weekday() + np.arange(n_days)) % 7 < 5
+    n_days = 7 * config.weeks
+    school_day = (dt.date.fromisoformat(config.start).weekday() + np.arange(n_days)) % 7 < 5
     school_days = np.flatnonzero(school_day)
-    lo, hi = assign_every
+    lo, hi = config.assign_every
     n_assign = len(school_days) // max(lo, 1) + 2
     gaps = rng.integers(lo, hi + 1, size=(n_classes, n_assign))
     nth = np.cumsum(gaps, axis=1) - gaps[:, :1] + rng.integers(0, 2, size=(n_classes, 1))
@@ -129,20 +164,20 @@ def generate(
     assign_title = band_titles[band_of_class[:, None], rng.integers(0, per_band, size=(n_classes, n_assign))]
 
     # reading events, sorted by (student, day); weekends have home reading only
-    day_prob = np.where(school_day, read_prob, weekend_read_prob)
-    reads = rng.random((n_students, n_days)) < day_prob[None, :]
+    day_prob = np.where(school_day, config.read_prob, config.weekend_read_prob)
+    reads = rng.random((config.n_students, n_days)) < day_prob[None, :]
     student, day = np.nonzero(reads)
     n = len(student)
     cls = class_of[student]
-    from_class = rng.random(n) < classroom_effect
-    reread = ~from_class & (rng.random(n) < reread_prob)
+    from_class = rng.random(n) < config.classroom_effect
+    reread = ~from_class & (rng.random(n) < config.reread_prob)
 
     popular = band_titles[band_of_class[cls], np.minimum(np.searchsorted(cdf, rng.random(n)), per_band - 1)]
 
     stride = 2 * n_days + 1  # larger than any assignment day: keys of two classes never overlap
     flat = (np.arange(n_classes)[:, None] * stride + assign_day).ravel()
     latest = np.searchsorted(flat, cls * stride + day, side="right") - 1 - cls * n_assign
-    back_weights = recent_decay ** np.arange(recent_assignments)
+    back_weights = config.recent_decay ** np.arange(config.recent_assignments)
     back = np.searchsorted(np.cumsum(back_weights) / back_weights.sum(), rng.random(n))
     pick = np.maximum(latest - back, 0)
     class_title = assign_title[cls, pick]
@@ -156,7 +191,7 @@ def generate(
     title = title[source]
 
     seconds = np.clip(rng.lognormal(6.3, 0.6, size=n), 30, 7200).astype(np.int64)
-    dates = (np.datetime64(start) + np.arange(n_days)).astype(str)
+    dates = (np.datetime64(config.start) + np.arange(n_days)).astype(str)
     title_names = np.array([f"T{i + 1:05d}" for i in range(n_bands * per_band)], dtype=object)
 
     order = np.lexsort((student, day))  # a daily log: by date, then student
@@ -168,7 +203,7 @@ def generate(
             "Seconds Read": seconds[order],
         }
     )
-    is_valid = day[order] >= n_days - 7 * valid_weeks
+    is_valid = day[order] >= n_days - 7 * config.valid_weeks
     student_info = pd.DataFrame(
         {
             "StudentID": student_ids,
@@ -202,8 +237,8 @@ def sample_data_paths() -> dict[str, Path]:
 
 
 def write_sample_data() -> dict[str, Path]:
-    """Regenerates the bundled sample dataset from :data:`SAMPLE_SETTINGS`."""
-    return write(generate(**SAMPLE_SETTINGS), sample_data_paths()["train"].parent)
+    """Regenerates the bundled sample dataset from :data:`SAMPLE`."""
+    return write(generate(SAMPLE), sample_data_paths()["train"].parent)
 
 
 def heuristic_hits(data: GeneratedData, window_days: int = 2) -> dict[str, float]:

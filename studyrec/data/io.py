@@ -426,7 +426,7 @@ def _parse_numbers(series: pd.Series, column: str) -> tuple[pd.Series, _Problem 
     return pd.Series(arr), None
 
 
-def _parse_grades(series: pd.Series, column: str) -> tuple[pd.Series, _Problem | None]:
+def _parse_grades(series: pd.Series, column: str) -> tuple[pd.Series | pd.api.extensions.ExtensionArray, _Problem | None]:
     """Nullable Int64 grades: empty is <NA>, whole-number floats like '3.0' are accepted."""
     values, problem = _parse_numbers(series, column)
     if problem:

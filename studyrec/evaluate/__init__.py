@@ -16,7 +16,7 @@ from studyrec.evaluate.metrics import (
     target_ranks,
     write_tables,
 )
-from studyrec.evaluate.topk import target_ranks_jax, title_mask
+from studyrec.evaluate.topk import top_titles
 
 __all__ = [
     "AGGREGATE_COLUMNS",
@@ -34,7 +34,6 @@ __all__ = [
     "score_stats",
     "subset_masks",
     "target_ranks",
-    "target_ranks_jax",
-    "title_mask",
+    "top_titles",
     "write_tables",
 ]

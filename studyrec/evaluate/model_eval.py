@@ -4,32 +4,32 @@ from __future__ import annotations
 
 import json
 
+import equinox as eqx
 import jax
 import numpy as np
 import pandas as pd
-from jax.experimental import multihost_utils
+from jaxtyping import Array, Int
 from tqdm.auto import tqdm
 
 from studyrec.data.atomic import write_text_atomic
 from studyrec.data.interactions import Interactions
-from studyrec.data.packing import EvalLayout
+from studyrec.data.packing import EvalLayout, Sample
 from studyrec.data.pipeline import eval_batches, prefetching
 from studyrec.data.vocab import Vocabulary
 from studyrec.evaluate.metrics import StudentStats, aggregate_table, per_student_table, subset_masks, target_ranks
-from studyrec.models import Individual
-from studyrec.train.mesh import place_batch
-from studyrec.train.step import top_titles
+from studyrec.models import DecoderModel, batched_logits
+from studyrec.sharding import gather, place_batch
+from studyrec.evaluate.topk import top_titles
 
 
-def _gather(x) -> np.ndarray:
-    """Every process's rows of a batch-sharded array (or local numpy slice), on every host."""
-    if jax.process_count() == 1:
-        return np.asarray(x)
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+@eqx.filter_jit
+def top_titles_everywhere(model: DecoderModel, batch: Sample, k: int, num_titles: int) -> Int[Array, "batch seq k"]:
+    """The ``k`` best real titles at every position of a batch (see :func:`top_titles`)."""
+    return top_titles(batched_logits(model, batch), k, num_titles)[0]
 
 
 def predict_topk(
-    model: Individual,
+    model: DecoderModel,
     layout: EvalLayout,
     *,
     k: int,
@@ -49,9 +49,9 @@ def predict_topk(
     )
     out = np.zeros((layout.packer.data.num_interactions, k), np.int32)
     for sample, source in tqdm(prefetching(dataset), total=len(dataset), desc="evaluate", disable=not progress, leave=False):
-        top = _gather(top_titles(model, place_batch(sample, mesh), k, num_titles))
+        top = gather(top_titles_everywhere(model, place_batch(sample, mesh), k, num_titles))
         # Through the mesh like the sample, so its rows line up with ``top`` whatever the device order.
-        source = _gather(place_batch(source.astype(np.int32), mesh) if jax.process_count() > 1 else source)
+        source = gather(place_batch(source.astype(np.int32), mesh) if jax.process_count() > 1 else source)
         covered = source >= 0
         out[source[covered]] = top[covered]
     return out

@@ -2,9 +2,10 @@
 
 from studyrec.models.config import ModelConfig
 from studyrec.models.decoder import Decoder, DecoderModel
-from studyrec.models.lagfree import StudyLagFree
 from studyrec.models.masks import individual_mask, own_past, strictly_earlier, study_mask
-from studyrec.models.recommenders import MODELS, Individual, Study, build, shift_within_students
+from studyrec.models.recommenders import STUDY_OWN_BIAS, Individual, Study, batched_logits, shift_within_students
+from studyrec.models.lagfree import StudyLagFree  # isort: skip (registered after the reference's two)
+from studyrec.models.registry import MODELS, build, model_class, register
 
 __all__ = [
     "MODELS",
@@ -12,11 +13,15 @@ __all__ = [
     "DecoderModel",
     "Individual",
     "ModelConfig",
+    "STUDY_OWN_BIAS",
     "Study",
     "StudyLagFree",
+    "batched_logits",
     "build",
     "individual_mask",
+    "model_class",
     "own_past",
+    "register",
     "shift_within_students",
     "strictly_earlier",
     "study_mask",

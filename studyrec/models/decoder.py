@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -59,7 +60,7 @@ class LayerNorm(eqx.Module):
     def __init__(self, d: int):
         self.scale, self.bias = jnp.ones(d), jnp.zeros(d)
 
-    def __call__(self, x: Float[Array, "seq d"]) -> Float[Array, "seq d"]:
+    def __call__(self, x: Float[Array, "*rows d"]) -> Float[Array, "*rows d"]:
         x32 = x.astype(jnp.float32)
         mean = x32.mean(-1, keepdims=True)
         var = jnp.square(x32 - mean).mean(-1, keepdims=True)
@@ -104,33 +105,60 @@ class Attention(eqx.Module):
         if self.recency is not None and log_gap is not None:
             bias = -self.recency[:, None, None] * log_gap[None]
         if self.own is not None and same_student is not None:
-            own = OWN_BIAS_GAIN * self.own[:, None, None] * same_student[None]
+            own = OWN_BIAS_GAIN * self.own[:, None, None] * same_student[None].astype(self.own.dtype)
             bias = own if bias is None else bias + own
         return None if bias is None else bias.astype(dtype)
 
-    def __call__(
+    def _heads(self, x: Float[Array, "n d"], w: Float[Array, "d qkv"]) -> Float[Array, "n heads dh"]:
+        return (x @ w.astype(x.dtype)).reshape(x.shape[0], self.num_heads, -1)
+
+    def _weights(
         self,
-        x: Float[Array, "seq d"],
-        mask: Bool[Array, "seq seq"],
+        q: Float[Array, "q heads dh"],
+        k: Float[Array, "k heads dh"],
+        mask: Bool[Array, "q k"],
+        bias: Float[Array, "heads q k"] | None,
+        key: PRNGKeyArray | None,
+    ) -> Float[Array, "heads q k"]:
+        scores = jnp.einsum("qhd,khd->hqk", q, k) / math.sqrt(q.shape[-1])
+        if bias is not None:
+            scores = scores + bias
+        scores = jnp.where(mask[None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+        return self.weight_dropout(jax.nn.softmax(scores, axis=-1), key=key)
+
+    def weights(
+        self, queries: Float[Array, "q d"], keys: Float[Array, "k d"], mask: Bool[Array, "q k"], **bias_inputs
+    ) -> Float[Array, "heads q k"]:
+        """The attention weights of ``queries`` over ``keys`` per head (float32; the explanations read them)."""
+        bias = self.score_bias(queries.dtype, **bias_inputs)
+        return self._weights(self._heads(queries, self.wq), self._heads(keys, self.wk), mask, bias, None)
+
+    def attend(
+        self,
+        queries: Float[Array, "q d"],
+        keys: Float[Array, "k d"],
+        mask: Bool[Array, "q k"],
         *,
         key: PRNGKeyArray | None,
-        log_gap: Float[Array, "seq seq"] | None = None,
-        same_student: Bool[Array, "seq seq"] | None = None,
-    ) -> Float[Array, "seq d"]:
-        T, dt = x.shape[0], x.dtype
-        split = lambda w: (x @ w.astype(dt)).reshape(T, self.num_heads, -1)  # noqa: E731
-        q, k, v = split(self.wq), split(self.wk), split(self.wv)
-        bias = self.score_bias(dt, log_gap, same_student)
+        **bias_inputs,
+    ) -> Float[Array, "q d"]:
+        """Attention of ``queries`` over ``keys`` (which also give the values); ``bias_inputs`` feed :meth:`score_bias`."""
+        dt = queries.dtype
+        q, k, v = self._heads(queries, self.wq), self._heads(keys, self.wk), self._heads(keys, self.wv)
+        bias = self.score_bias(dt, **bias_inputs)
         if self.weight_dropout.inference or self.weight_dropout.p == 0:
-            out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask[None])
+            with jax.numpy_dtype_promotion("standard"):  # JAX promotes bfloat16 with float32 inside, as Equinox allows
+                out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask[None])
         else:  # dropout on the attention weights needs them materialised
-            scores = jnp.einsum("qhd,khd->hqk", q, k) / math.sqrt(q.shape[-1])
-            if bias is not None:
-                scores = scores + bias
-            scores = jnp.where(mask[None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-            weights = self.weight_dropout(jax.nn.softmax(scores, axis=-1), key=key).astype(dt)
+            weights = self._weights(q, k, mask, bias, key).astype(dt)
             out = jnp.einsum("hqk,khd->qhd", weights, v)
-        return out.reshape(T, -1) @ self.wo.astype(dt)
+        return out.reshape(queries.shape[0], -1) @ self.wo.astype(dt)
+
+    def __call__(
+        self, x: Float[Array, "seq d"], mask: Bool[Array, "seq seq"], *, key: PRNGKeyArray | None, **bias_inputs
+    ) -> Float[Array, "seq d"]:
+        """Self-attention: ``attend(x, x, mask)``."""
+        return self.attend(x, x, mask, key=key, **bias_inputs)
 
 
 class MLP(eqx.Module):
@@ -224,8 +252,8 @@ class CopyHead(eqx.Module):
         visible = mask & (carried > 0)[None, :]
         scores = (q @ self.wq) @ (k @ self.wk).T / math.sqrt(q.shape[-1]) - self.gain * self.recency * log_gap
         if self.own is not None and same_student is not None:
-            scores = scores + OWN_BIAS_GAIN * self.own * same_student
-        weights = jax.nn.softmax(jnp.where(visible, scores, jnp.finfo(jnp.float32).min), axis=-1) * visible
+            scores = scores + OWN_BIAS_GAIN * self.own * same_student.astype(self.own.dtype)
+        weights = jax.nn.softmax(jnp.where(visible, scores, jnp.finfo(jnp.float32).min), axis=-1) * visible.astype(jnp.float32)
         copy = jnp.zeros(logits.shape, jnp.float32).at[:, carried].add(weights)
         hit = copy > 0
         log_copy = jnp.where(hit, jnp.log(jnp.where(hit, copy, 1.0)), -jnp.inf)
@@ -366,7 +394,25 @@ class Decoder(eqx.Module):
 
 
 class DecoderModel(eqx.Module):
-    """A recommender over one shared ``Decoder``: subclasses say what the hidden states see."""
+    """A recommender over one shared ``Decoder``: subclasses say what the hidden states see.
+
+    A subclass declares what it needs and sees in the class variables below, implements
+    :meth:`mask` and :meth:`hidden` (and :meth:`copy_sources` for the copy head), and registers
+    itself with :func:`studyrec.models.register`; training, evaluation, recommendation and the
+    memory estimate read the declarations, never the class.
+    """
+
+    reads_classmates: ClassVar[bool] = True
+    """Whether a prediction may attend to other students of the row (Individual: no). Recommendation
+    packs classmates into a query's row only for such models."""
+    keys_carry_previous_title: ClassVar[bool] = True
+    """Whether key k carries the title *before* it (the input shift; then a classmate's latest read is
+    carried by a trailing slot at its time) rather than its own title."""
+    streams: ClassVar[int] = 1
+    """Sequences of the row's length each block processes (2 for a two-stream model): the memory
+    estimate scales activations by it."""
+    default_own_bias: ClassVar[float | None] = None
+    """``ModelConfig.own_bias`` when the training flag is ``auto``."""
 
     decoder: Decoder
 

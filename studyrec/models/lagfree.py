@@ -23,7 +23,6 @@ the parameter count is equal; only the forward pass differs.
 
 from __future__ import annotations
 
-import math
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +31,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 from studyrec.data.packing import Sample
 from studyrec.models.decoder import Attention, Block, DecoderModel
 from studyrec.models.masks import own_past, strictly_earlier
+from studyrec.models.registry import register
 
 
 def content_mask(segments: Int[Array, " seq"], timestamps: Int[Array, " seq"]) -> Bool[Array, "seq seq"]:
@@ -54,45 +54,31 @@ def two_stream_mask(segments: Int[Array, " seq"], timestamps: Int[Array, " seq"]
 
 def two_stream_attention(
     attention: Attention,
-    x: Float[Array, "2*seq d"],
-    mask: Bool[Array, "2*seq seq"],
+    x: Float[Array, "rows d"],
+    mask: Bool[Array, "rows seq"],
     *,
     key: PRNGKeyArray | None,
     **bias_inputs,
-) -> Float[Array, "2*seq d"]:
+) -> Float[Array, "rows d"]:
     """``Attention`` with queries from both streams ``x = [h; g]`` and keys and values from ``h`` only.
 
     A row that may see nothing (separators, padding, a first read with no earlier classmate read)
     reads nothing: its output is zero, so no softmax over an empty set spreads over hidden keys.
     ``bias_inputs`` (``2*seq`` by ``seq``) feed ``Attention.score_bias``.
     """
-    n, dt = mask.shape[1], x.dtype
-    heads = lambda y, w: (y @ w.astype(dt)).reshape(y.shape[0], attention.num_heads, -1)  # noqa: E731
-    q, k, v = heads(x, attention.wq), heads(x[:n], attention.wk), heads(x[:n], attention.wv)
-    bias = attention.score_bias(dt, **bias_inputs)
     sees = mask.any(axis=1)
-    mask = mask | ~sees[:, None]
-    if attention.weight_dropout.inference or attention.weight_dropout.p == 0:
-        out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask[None])
-    else:
-        scores = jnp.einsum("qhd,khd->hqk", q, k) / math.sqrt(q.shape[-1])
-        if bias is not None:
-            scores = scores + bias
-        scores = jnp.where(mask[None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-        weights = attention.weight_dropout(jax.nn.softmax(scores, axis=-1), key=key).astype(dt)
-        out = jnp.einsum("hqk,khd->qhd", weights, v)
-    out = jnp.where(sees[:, None, None], out, jnp.zeros((), dt))
-    return out.reshape(x.shape[0], -1) @ attention.wo.astype(dt)
+    out = attention.attend(x, x[: mask.shape[1]], mask | ~sees[:, None], key=key, **bias_inputs)
+    return jnp.where(sees[:, None], out, jnp.zeros((), x.dtype))
 
 
 def two_stream_block(
     block: Block,
-    x: Float[Array, "2*seq d"],
-    mask: Bool[Array, "2*seq seq"],
+    x: Float[Array, "rows d"],
+    mask: Bool[Array, "rows seq"],
     *,
     key: PRNGKeyArray | None,
     **bias_inputs,
-) -> Float[Array, "2*seq d"]:
+) -> Float[Array, "rows d"]:
     """``Block`` over both streams, with ``two_stream_attention`` in place of self-attention."""
     ka, kd, km = (None, None, None) if key is None else jax.random.split(key, 3)
     attended = two_stream_attention(block.attention, block.ln1(x), mask, key=ka, **bias_inputs)
@@ -100,6 +86,7 @@ def two_stream_block(
     return x + block.mlp(block.ln2(x), key=km)
 
 
+@register("study-lagfree")
 class StudyLagFree(DecoderModel):
     """STUDY without the one-step lag: a content and a query stream over the shared decoder.
 
@@ -120,7 +107,11 @@ class StudyLagFree(DecoderModel):
     so nothing in A(q) is hidden. (``Study`` relies on the same ordering.)
     """
 
-    def mask(self, sample: Sample) -> Bool[Array, "2*seq seq"]:
+    reads_classmates = True
+    keys_carry_previous_title = False
+    streams = 2
+
+    def mask(self, sample: Sample) -> Bool[Array, "rows seq"]:
         return two_stream_mask(sample.segments, sample.timestamps)
 
     def copy_sources(self, sample: Sample) -> tuple[Int[Array, " seq"], Int[Array, " seq"], Bool[Array, "seq seq"]]:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-import equinox as eqx
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from studyrec.data.packing import Sample
-from studyrec.models.config import ModelConfig
 from studyrec.models.decoder import DecoderModel
-from studyrec.models.lagfree import StudyLagFree
 from studyrec.models.masks import individual_mask, study_mask
+from studyrec.models.registry import register
+
+# Where the reference mask's one-step lag hides classmates' latest reads, this start lets STUDY keep
+# the student's own history first (about level with Individual where classmates carry no signal);
+# lag-free STUDY, which sees every earlier classmate read, loses at hits@1 with it (README, Results).
+STUDY_OWN_BIAS = 3.0
 
 
 def shift_within_students(values: Int[Array, " seq"], segments: Int[Array, " seq"]) -> Int[Array, " seq"]:
@@ -23,8 +27,12 @@ def shift_within_students(values: Int[Array, " seq"], segments: Int[Array, " seq
     return jnp.where(same_student & (segments > 0), previous, 0)
 
 
+@register("individual")
 class Individual(DecoderModel):
     """Each student's prediction attends only to that student's own past."""
+
+    reads_classmates = False
+    keys_carry_previous_title = True
 
     def mask(self, sample: Sample) -> Bool[Array, "seq seq"]:
         return individual_mask(sample.segments)
@@ -48,6 +56,7 @@ class Individual(DecoderModel):
         )
 
 
+@register("study")
 class Study(Individual):
     """STUDY: also attends to classmates' interactions strictly earlier in time.
 
@@ -57,17 +66,16 @@ class Study(Individual):
     query), so each classmate's latest title in the row is never seen.
     """
 
+    reads_classmates = True
+    default_own_bias = STUDY_OWN_BIAS
+
     def mask(self, sample: Sample) -> Bool[Array, "seq seq"]:
         return study_mask(sample.segments, sample.timestamps)
 
 
-MODELS: dict[str, type[eqx.Module]] = {"individual": Individual, "study": Study, "study-lagfree": StudyLagFree}
-
-
-def build(name: str, config: ModelConfig, *, key: PRNGKeyArray) -> eqx.Module:
-    """A fresh model by name: ``"study"``, ``"individual"`` or ``"study-lagfree"``."""
-    try:
-        cls = MODELS[name]
-    except KeyError:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}") from None
-    return cls(config, key=key)
+def batched_logits(model: DecoderModel, batch: Sample, key: PRNGKeyArray | None = None) -> Float[Array, "batch seq vocab"]:
+    """The model's scores at every position of every row of a batch (dropout with ``key``)."""
+    if key is None:
+        return jax.vmap(model)(batch)
+    keys = jax.random.split(key, batch.titles.shape[0])
+    return jax.vmap(lambda sample, k: model(sample, key=k))(batch, keys)

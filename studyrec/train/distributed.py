@@ -26,13 +26,12 @@ import sys
 import threading
 
 import jax
-import numpy as np
 
-from studyrec.train.config import DistConfig
+from studyrec.errors import EXIT_FAILED, EXIT_TIMEOUT, exit_code
+from studyrec.config import DistConfig
 
 logger = logging.getLogger("studyrec.train")
 
-EXIT_TIMEOUT = 124
 """Exit code of a process that could not join the run in time (as ``timeout(1)``)."""
 
 _HEARTBEAT_S = 100  # JAX's defaults
@@ -181,11 +180,8 @@ def leave_on_error():
 
 
 def _exit_code(error: BaseException) -> int:
-    if isinstance(error, KeyboardInterrupt):
-        return 130
-    cli = sys.modules.get("experiments.cli")  # the command line's mapping of errors to exit codes, if it runs
-    code = cli.exit_code(error) if cli is not None and hasattr(cli, "exit_code") else None
-    return 1 if code is None else code
+    code = exit_code(error)
+    return EXIT_FAILED if code is None else code
 
 
 def _leave_if_failed() -> None:
@@ -211,20 +207,3 @@ def _leave_if_failed() -> None:
     )
     sys.stdout.flush()
     os._exit(_exit_code(_failure))
-
-
-def any_process(flag: bool) -> bool:
-    """Whether ``flag`` is true on any process; a collective, so every process must call it together."""
-    if jax.process_count() == 1:
-        return bool(flag)
-    from jax.experimental import multihost_utils
-
-    return bool(np.any(multihost_utils.process_allgather(np.asarray([flag], np.int32))))
-
-
-def barrier(name: str) -> None:
-    """Waits until every process gets here (with the same ``name``); nothing with one process."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -18,19 +17,20 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from studyrec.data import dataset
-from studyrec.data.atomic import write_text_atomic
 from studyrec.data.interactions import Interactions, make_chunks
 from studyrec.data.packing import ClassroomPacker, Sample
 from studyrec.data.pipeline import local_rows, prefetching, training_batches
 from studyrec.data.vocab import Vocabulary
+from studyrec.errors import TrainingError
 from studyrec.evaluate import model_eval
 from studyrec.evaluate.metrics import write_tables
-from studyrec.models import ModelConfig, build
+from studyrec.models import ModelConfig, build, model_class
 from studyrec.models.config import ConfigError
+from studyrec import rundir, sharding
 from studyrec.train import distributed, memory
 from studyrec.train.best import BestParameters
-from studyrec.train.checkpoint import Checkpoints
-from studyrec.train.config import (
+from studyrec.checkpoint import Checkpoints
+from studyrec.config import (
     TrainConfig,
     check_n_recommendations,
     check_output_dir,
@@ -38,19 +38,19 @@ from studyrec.train.config import (
     resolve_wandb,
 )
 from studyrec.train.lock import RunDirectoryLock
-from studyrec.train.mesh import make_mesh, place_batch, shard_params
+from studyrec.sharding import make_mesh, place_batch, shard_params
 from studyrec.train.step import eval_sums, make_optimizer, make_train_step, schedule, summarise
 from studyrec.train.tracking import Tracker
 
 logger = logging.getLogger("studyrec.train")
 
 
-class TrainingError(RuntimeError):
-    """Training cannot go on (a non-finite loss, say); the last good checkpoint is kept."""
-
-
 def check_flags(cfg: TrainConfig, n_devices: int) -> None:
     """Rejects flag values that cannot work, before anything is read or written."""
+    try:
+        model_class(cfg.model)
+    except ValueError as e:
+        raise ValueError(f"--model: {e}") from None
     _check_counts(cfg)
     _check_optimizer(cfg)
     check_output_dir(cfg.output_dir, "model")
@@ -170,31 +170,9 @@ def _packer(
     )
 
 
-def _resume_history(path: Path) -> list:
-    """The ``resumes`` list of an existing config.json; an unreadable one is rewritten (the flags make it anew)."""
-    if not path.exists():
-        return []
-    try:
-        history = json.loads(path.read_text()).get("resumes", [])
-        return history if isinstance(history, list) else []
-    except (ValueError, AttributeError) as e:
-        logger.warning("%s is unreadable (%s); writing it anew, without its record of earlier resumes", path, e)
-        return []
-
-
 def _write_config(run_dir: Path, cfg: TrainConfig, model_config: ModelConfig, extra: dict, resumed_at: int | None) -> None:
-    path = run_dir / "config.json"
-    history = _resume_history(path)
-    if resumed_at is not None:
-        history.append({"step": resumed_at, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-    record = {
-        "config": dataclasses.asdict(cfg),
-        "model": cfg.model,
-        "model_config": dataclasses.asdict(model_config),
-        **extra,
-        "resumes": history,
-    }
-    write_text_atomic(path, json.dumps(record, indent=2))
+    record = {"config": dataclasses.asdict(cfg), "model": cfg.model, "model_config": dataclasses.asdict(model_config), **extra}
+    rundir.write_config(run_dir, record, resumed_at)
 
 
 class _StopRequest:
@@ -393,7 +371,7 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> Path:
             # Every process must stop after the same step (the save is collective), so they agree every 10 steps.
             asked = stop.signal is not None
             if pc > 1:
-                asked = (done % 10 == 0 or last) and distributed.any_process(asked)
+                asked = (done % 10 == 0 or last) and sharding.any_process(asked)
             if asked:
                 save(done, force=True)
                 checkpoints.wait()

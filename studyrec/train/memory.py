@@ -13,6 +13,7 @@ import os
 
 from studyrec.models.config import ModelConfig
 from studyrec.models.decoder import GAP_BUCKETS
+from studyrec.models.registry import model_class
 
 FLOAT = 4
 """Bytes of a float32: parameters, optimizer state and every softmax are float32 whatever the compute dtype."""
@@ -40,7 +41,7 @@ def parameter_count(config: ModelConfig) -> int:
 
 def streams(model: str) -> int:
     """Token streams the blocks run over: two for lag-free STUDY (content and query), else one."""
-    return 2 if model == "study-lagfree" else 1
+    return model_class(model).streams
 
 
 def activation_bytes(config: ModelConfig, seq_len: int, rows: int, *, model: str, training: bool) -> int:

@@ -6,10 +6,10 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Float, PRNGKeyArray
 
 from studyrec.data.packing import Sample
-from studyrec.models import Individual
+from studyrec.models import Individual, batched_logits
 
 
 def schedule(peak: float, warmup: int, decay: str = "rsqrt", steps: int | None = None) -> optax.Schedule:
@@ -76,7 +76,7 @@ def weighted_metrics(
     return {
         "loss_sum": jnp.sum(xent * weights),
         "correct": jnp.sum(correct),
-        "correct_no_oov": jnp.sum(correct * (targets != oov)),
+        "correct_no_oov": jnp.sum(correct * (targets != oov).astype(jnp.float32)),
         "weight": jnp.sum(weights),
     }
 
@@ -91,13 +91,6 @@ def summarise(sums: dict[str, Array], prefix: str = "") -> dict[str, float]:
     }
 
 
-def batched_logits(model: Individual, batch: Sample, key: PRNGKeyArray | None) -> Float[Array, "batch seq vocab"]:
-    if key is None:
-        return jax.vmap(model)(batch)
-    keys = jax.random.split(key, batch.titles.shape[0])
-    return jax.vmap(lambda sample, k: model(sample, key=k))(batch, keys)
-
-
 def make_train_step(optimizer: optax.GradientTransformation, oov: int):
     """``step(model, opt_state, batch, key) -> (model, opt_state, metrics)``, jitted, buffers donated."""
 
@@ -108,7 +101,8 @@ def make_train_step(optimizer: optax.GradientTransformation, oov: int):
     @eqx.filter_jit(donate="all")
     def step(model, opt_state, batch: Sample, key: PRNGKeyArray):
         (_, sums), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(model, batch, key)
-        updates, opt_state = optimizer.update(grads, opt_state, eqx.filter(model, eqx.is_inexact_array))
+        with jax.numpy_dtype_promotion("standard"):  # optax raises a Python float to an int32 count (bias correction)
+            updates, opt_state = optimizer.update(grads, opt_state, eqx.filter(model, eqx.is_inexact_array))
         model = eqx.apply_updates(model, updates)
         return model, opt_state, {**sums, "grad_norm": optax.tree.norm(grads)}
 
@@ -119,15 +113,3 @@ def make_train_step(optimizer: optax.GradientTransformation, oov: int):
 def eval_sums(model: Individual, batch: Sample, oov: int, first_only: bool = False) -> dict[str, Array]:
     """Metric sums of the inference-mode model on one batch."""
     return weighted_metrics(batched_logits(model, batch, None), batch, oov, first_only)
-
-
-@eqx.filter_jit
-def top_titles(model: Individual, batch: Sample, k: int, num_titles: int) -> Int[Array, "batch seq k"]:
-    """The ``k`` best real titles (ids ``1..num_titles``) at every position; never pad, SEP or OOV.
-
-    A catalogue of fewer than ``k`` titles gives them all, then 0 (padding) to fill the ``k`` slots.
-    """
-    logits = batched_logits(model, batch, None)
-    width = min(k, num_titles)
-    _, index = jax.lax.top_k(logits[..., 1 : num_titles + 1], width)
-    return jnp.pad(index + 1, [(0, 0)] * (index.ndim - 1) + [(0, k - width)])

@@ -8,7 +8,7 @@ import uuid
 from pathlib import Path
 
 from studyrec.data.atomic import write_text_atomic
-from studyrec.train.config import WandbConfig, resolve_wandb
+from studyrec.config import WandbConfig, resolve_wandb
 
 
 def _step_of(line: str) -> float:

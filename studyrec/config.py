@@ -8,13 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from studyrec.models import ModelConfig
-
-
-# Where the reference mask's one-step lag hides classmates' latest reads, this start lets STUDY keep
-# the student's own history first (about level with Individual where classmates carry no signal);
-# lag-free STUDY, which sees every earlier classmate read, loses at hits@1 with it (README, Results).
-STUDY_OWN_BIAS = 3.0
+from studyrec.models import ModelConfig, model_class
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,16 +40,16 @@ class ArchConfig:
     gap_embedding: bool = True
     """Embed the time since the student's previous read into each input (how stale their last title is; the reference has none)."""
     own_bias: float | None | Literal["auto"] = "auto"
-    """Learned attention and copy-head biases on the student's own reads against classmates', the attention's starting at this many logits (None: off; auto: 3 for study, off for the others, see Results; the reference has none)."""
+    """Learned attention and copy-head biases on the student's own reads against classmates', the attention's starting at this many logits (None: off; auto: the model's default, 3 for study and off for the others, see Results; the reference has none)."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Compute dtype: auto is bfloat16 on GPU/TPU and float32 on CPU."""
 
     def model_config(
         self, vocab_size: int, num_grade_levels: int | None, seq_len: int, platform: str, *, model: str
     ) -> ModelConfig:
-        """The ``ModelConfig`` for ``model`` ("study", "individual", "study-lagfree") on ``platform``."""
+        """The ``ModelConfig`` for the registered ``model`` on ``platform``."""
         dtype = self.dtype if self.dtype != "auto" else ("float32" if platform == "cpu" else "bfloat16")
-        own_bias = self.own_bias if self.own_bias != "auto" else (STUDY_OWN_BIAS if model == "study" else None)
+        own_bias = self.own_bias if self.own_bias != "auto" else model_class(model).default_own_bias
         return ModelConfig(
             vocab_size=vocab_size,
             num_layers=self.num_layers,
@@ -141,8 +135,8 @@ class DistConfig:
 class TrainConfig:
     """Train STUDY or Individual on classroom-packed reading histories."""
 
-    model: Literal["study", "individual", "study-lagfree"] = "study"
-    """Which recommender to train."""
+    model: str = "study"
+    """Which recommender to train: individual, study, study-lagfree, or a model registered with studyrec.models.register."""
     preset: Literal["default", "cpu-small", "paper"] = "default"
     """Starting point for every other flag (flags given explicitly win)."""
     train_data: tuple[str, ...] = ()

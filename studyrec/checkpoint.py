@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from studyrec.data.atomic import write_text_atomic
-from studyrec.train import distributed
+from studyrec import sharding
 
 logger = logging.getLogger("studyrec.train")
 
@@ -250,7 +250,7 @@ class Checkpoints:
         self._seal()  # this object's own finished saves are committed first
         self._remove_unfinished()
         for step in reversed(self.steps()):
-            if distributed.any_process(not self.is_committed(step)):  # every process skips the same ones
+            if sharding.any_process(not self.is_committed(step)):  # every process skips the same ones
                 self._set_aside(step, "was never committed (it has no checksums.json: the run stopped before "
                                 "its save was sealed)", "uncommitted")
                 continue
@@ -260,7 +260,7 @@ class Checkpoints:
                 damage = None
             except Exception as e:  # noqa: BLE001 - any failure to read back means damage
                 damage = e
-            if distributed.any_process(damage is not None):
+            if sharding.any_process(damage is not None):
                 self._set_aside(step, self._damaged(damage))
                 continue
             for key, want in (expect or {}).items():
@@ -279,7 +279,7 @@ class Checkpoints:
                 raise
             except Exception as e:  # noqa: BLE001
                 damage = e
-            if distributed.any_process(damage is not None):
+            if sharding.any_process(damage is not None):
                 self._set_aside(step, self._damaged(damage))
                 continue
             return (step, *restored)
@@ -312,7 +312,7 @@ class Checkpoints:
             target = self.directory / f"{prefix}-{step}.{n}"
         if self._primary:
             os.replace(source, target)
-        distributed.barrier(f"set aside {target.name}")  # moved before any process looks again
+        sharding.barrier(f"set aside {target.name}")  # moved before any process looks again
         self.manager.reload()
         logger.warning(
             "checkpoint %s %s; moved it to %s and falling back to the previous checkpoint", source, reason, target

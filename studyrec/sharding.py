@@ -1,10 +1,11 @@
-"""Device mesh, the logical-axis rule table, and placing host batches on it."""
+"""Device mesh, the logical-axis rule table, placing host batches on it and gathering results back."""
 
 from __future__ import annotations
 
 import equinox as eqx
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -49,3 +50,23 @@ def place_batch(local, mesh: Mesh):
     """Assembles each process's slice of a batch (numpy, leading axis = rows) into global arrays."""
     sharding = batch_sharding(mesh)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local)
+
+
+def gather(x) -> np.ndarray:
+    """Every process's rows of a batch-sharded array (or local numpy slice), on every host."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def any_process(flag: bool) -> bool:
+    """Whether ``flag`` is true on any process; a collective, so every process must call it together."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    return bool(np.any(multihost_utils.process_allgather(np.asarray([flag], np.int32))))
+
+
+def barrier(name: str) -> None:
+    """Waits until every process gets here (with the same ``name``); nothing with one process."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)

@@ -1,0 +1,51 @@
+"""The single list of model names: the CLI, the benchmarks and ``load_run`` read it.
+
+A model registers itself with :func:`register`; what it needs and sees is declared on its class
+(see :class:`~studyrec.models.decoder.DecoderModel`), so nothing outside ``models`` asks which
+class it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+from jaxtyping import PRNGKeyArray
+
+from studyrec.models.config import ModelConfig
+from studyrec.models.decoder import DecoderModel
+
+MODELS: dict[str, type[DecoderModel]] = {}
+"""Registered models by name, in registration order."""
+
+M = TypeVar("M", bound=type[DecoderModel])
+
+
+def register(name: str) -> Callable[[M], M]:
+    """A class decorator that makes a :class:`DecoderModel` subclass trainable and loadable as ``name``."""
+
+    def add(cls: M) -> M:
+        if not (isinstance(cls, type) and issubclass(cls, DecoderModel)):
+            raise TypeError(f"model {name!r}: {cls!r} is not a studyrec.models.DecoderModel subclass")
+        if MODELS.get(name, cls) is not cls:
+            raise ValueError(f"model name {name!r} is taken by {MODELS[name].__module__}.{MODELS[name].__qualname__}")
+        MODELS[name] = cls
+        return cls
+
+    return add
+
+
+def model_class(name: str) -> type[DecoderModel]:
+    """The class registered as ``name``; a ValueError lists the names there are."""
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown model {name!r}; choose one of {', '.join(MODELS)} (a custom model must be registered with "
+            "studyrec.models.register before it is used)"
+        ) from None
+
+
+def build(name: str, config: ModelConfig, *, key: PRNGKeyArray) -> DecoderModel:
+    """A fresh model by registered name, e.g. ``"study"``, ``"individual"`` or ``"study-lagfree"``."""
+    return model_class(name)(config, key=key)
