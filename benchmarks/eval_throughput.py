@@ -14,6 +14,8 @@ skipped otherwise. The model is freshly initialised (throughput does not depend 
 
 from __future__ import annotations
 
+import dataclasses
+
 import argparse
 import statistics
 import time
@@ -62,10 +64,10 @@ def main(argv: list[str] | None = None) -> dict:
         return out
 
     train, valid = framed(gen.train), framed(gen.valid)
-    vocab = Vocabulary.build(train["SHLF_NUM"], max_size=cfg.vocab_size)
+    vocab = Vocabulary.build(train["SHLF_NUM"], max_size=cfg.data.vocab_size)
     origin = int(train["timestamp"].min())
     origin -= origin % 86400
-    config = cfg.arch.model_config(vocab.logits_size, cfg.grade_levels, cfg.seq_len, jax.default_backend(), model=args.model)
+    config = dataclasses.replace(cfg, model=args.model).model_config(vocab.logits_size, jax.default_backend())
     mesh = make_mesh()
     model = shard_params(build(args.model, config, key=jax.random.key(args.seed)), mesh)
     inference = eqx.nn.inference_mode(model)
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # --- evaluation: the final pass of experiments.train (valid-only context) ----------------------
     t0 = time.perf_counter()
-    data = Interactions.from_frame(valid, vocab, gen.student_info, gen.school_info, cfg.classroom_grouping)
+    data = Interactions.from_frame(valid, vocab, gen.student_info, gen.school_info, cfg.data.classroom_grouping)
     packer = ClassroomPacker(data, make_chunks(data, cfg.chunk_size), cfg.seq_len, vocab.sep, origin)
     layout = packer.eval_layout()
     t1 = time.perf_counter()
@@ -136,7 +138,6 @@ def main(argv: list[str] | None = None) -> dict:
         record["recommend"] = "skipped: Run has no recommend()"
         Run = None
     if Run is not None and not args.no_recommend:
-        import dataclasses
         import tempfile
         from pathlib import Path
 

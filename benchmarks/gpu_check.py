@@ -96,10 +96,8 @@ def main(cfg: GpuCheckConfig) -> dict:
     log(f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}, {cfg.threads} packing threads")
     preset = PRESETS[cfg.preset]
     seq_len = preset.seq_len
-    packer, vocab = generated_packer(6000, seq_len=seq_len, chunk=preset.chunk_size, vocab_size=preset.vocab_size)
-    config = preset.arch.model_config(
-        vocab.logits_size, preset.grade_levels, seq_len, jax.default_backend(), model=cfg.model
-    )
+    packer, vocab = generated_packer(6000, seq_len=seq_len, chunk=preset.chunk_size, vocab_size=preset.data.vocab_size)
+    config = dataclasses.replace(preset, model=cfg.model).model_config(vocab.logits_size, jax.default_backend())
     mesh = make_mesh(1, devices=[dev])
     flops_per_token = decoder_flops_per_token(config, seq_len)["train"]
 

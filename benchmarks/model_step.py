@@ -14,6 +14,8 @@ generated classroom data, so masks are realistic.
 
 from __future__ import annotations
 
+import dataclasses
+
 import argparse
 import statistics
 
@@ -89,7 +91,6 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-parts", action="store_true", help="skip timing the output layer alone")
     args = p.parse_args(argv)
 
-    import dataclasses
 
     import equinox as eqx
     import jax
@@ -103,7 +104,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.attention_dropout is not None:
         arch = dataclasses.replace(arch, attention_dropout=args.attention_dropout)
     platform = jax.default_backend()
-    config = arch.model_config(args.vocab_size, None, args.seq_len, platform, model=args.model)
+    config = dataclasses.replace(preset, arch=arch, model=args.model, seq_len=args.seq_len, grade_levels=None).model_config(
+        args.vocab_size, platform
+    )
     batch = args.batch or (32 if platform == "cpu" else preset.per_device_batch_size)
     chunk = args.chunk or min(preset.chunk_size, args.seq_len)
 

@@ -141,7 +141,7 @@ def main(cfg: QualityConfig) -> pd.DataFrame:
         for model in cfg.models:
             run_dir = root / dataset / model
             seconds = run([
-                sys.executable, "-m", "experiments.train", "--preset", "cpu-small", "--model", model,
+                sys.executable, "-m", "experiments.train", "cpu-small", "--model", model,
                 "--output-dir", str(run_dir), "--epochs", str(cfg.epochs), "--seed", str(cfg.seed),
                 "--student-chunk-size", str(chunk_sizes[model]), "--wandb.mode", "disabled",
                 "--eval-every", str(cfg.eval_every), *data_flags(path), *cfg.train_flags,

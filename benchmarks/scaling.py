@@ -16,6 +16,8 @@ shapes do not change).
 
 from __future__ import annotations
 
+import dataclasses
+
 import argparse
 import statistics
 
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     key = jax.random.key(1)
 
     def make(seq_len: int):
-        config = preset.arch.model_config(2003, None, seq_len, platform, model=args.model)
+        config = dataclasses.replace(preset, model=args.model, seq_len=seq_len, grade_levels=None).model_config(2003, platform)
         model = build(args.model, config, key=jax.random.key(0))
         if args.no_dropout:
             model = eqx.nn.inference_mode(model)

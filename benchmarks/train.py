@@ -22,6 +22,8 @@ timed steps are counted (``recompiles``: must be 0).
 
 from __future__ import annotations
 
+import dataclasses
+
 import argparse
 import statistics
 import time
@@ -69,8 +71,8 @@ def main(argv: list[str] | None = None) -> dict:
     per_device = args.batch or cfg.per_device_batch_size
     n_dev = jax.device_count()
     global_batch = per_device * n_dev
-    packer, vocab = generated_packer(args.students, seq_len=cfg.seq_len, chunk=cfg.chunk_size, vocab_size=cfg.vocab_size)
-    config = cfg.arch.model_config(vocab.logits_size, cfg.grade_levels, cfg.seq_len, jax.default_backend(), model=args.model)
+    packer, vocab = generated_packer(args.students, seq_len=cfg.seq_len, chunk=cfg.chunk_size, vocab_size=cfg.data.vocab_size)
+    config = dataclasses.replace(cfg, model=args.model).model_config(vocab.logits_size, jax.default_backend())
 
     mesh = make_mesh(cfg.fsdp)
     model = build(args.model, config, key=jax.random.key(cfg.seed))

@@ -21,6 +21,7 @@ from typing import Literal
 
 from experiments import cli
 from experiments.cli import run_cli, setup_logging
+from studyrec.config import DataConfig, Flat
 
 Baseline = Literal["popularity", "popularity_by_grade", "knn", "classmates_recent", "classmates_recent_lagged", "own_last"]
 
@@ -31,24 +32,10 @@ class BaselineConfig:
 
     baseline: Baseline
     """popularity (overall), popularity_by_grade, knn (item co-reading), classmates_recent (last 2 days), classmates_recent_lagged (what the reference STUDY mask can see), or own_last."""
-    train_data: tuple[str, ...] = ()
-    """Training activity files: fitting data, and context with --eval-context history (default: the bundled sample)."""
-    valid_data: tuple[str, ...] = ()
-    """Validation activity files: the interactions scored (default: the bundled sample)."""
-    student_info: str | None = None
-    """student_info CSV (default: the bundled sample's when no training file is given)."""
-    school_info: str | None = None
-    """school_info CSV (needed for district_grade)."""
+    data: Flat = DataConfig()
+    """The data: the training files fit the baseline (and are context with --eval-context history), the validation files are scored."""
     output_dir: str = "runs/baseline_{baseline}"
     """Run directory to write ({baseline} is replaced by the name)."""
-    eval_context: Literal["valid-only", "history"] = "valid-only"
-    """valid-only: the validation file is the only context (as the reference); history: training rows too."""
-    n_recommendations: tuple[int, ...] = (1, 3, 5, 10, 20)
-    """The n of hits@n."""
-    vocab_size: int = 2000
-    """Titles kept in the vocabulary (most read first); 0 keeps all. Use the model's value to compare."""
-    classroom_grouping: Literal["school_grade", "district_grade", "grade", "none"] = "school_grade"
-    """Who counts as a classmate (see the README)."""
     debug: bool = False
     """Show tracebacks instead of one-line errors."""
 
@@ -79,10 +66,9 @@ def _frame(data, rows):
 
 def check_flags(cfg: BaselineConfig) -> None:
     """Rejects flag values that cannot work, before anything is read or written."""
-    from studyrec.config import check_n_recommendations, check_output_dir, check_vocab_size
+    from studyrec.config import check_output_dir
 
-    check_n_recommendations(tuple(cfg.n_recommendations))
-    check_vocab_size(cfg.vocab_size)
+    cfg.data.check()
     check_output_dir(cfg.output_dir, "baseline")
 
 
@@ -93,20 +79,20 @@ def score_baseline(cfg: BaselineConfig):
     from studyrec.data import dataset
     from studyrec.evaluate.baselines import recommend_baseline
 
-    ns = tuple(cfg.n_recommendations)
-    paths = dataset.DataPaths.resolve(cfg.train_data, cfg.valid_data, cfg.student_info, cfg.school_info)
+    ns = tuple(cfg.data.n_recommendations)
+    paths = dataset.DataPaths.resolve(cfg.data.train_data, cfg.data.valid_data, cfg.data.student_info, cfg.data.school_info)
     frames = dataset.Frames.load(paths)
     if frames.valid is None:
         raise ValueError("no validation data to score: give --valid-data")
-    vocab = dataset.build_vocab(frames, cfg.vocab_size)
+    vocab = dataset.build_vocab(frames, cfg.data.vocab_size)
     k = min(max(ns), vocab.num_titles)  # a smaller catalogue: every title (hits@n past it are scored on all)
-    if cfg.eval_context == "history":
+    if cfg.data.eval_context == "history":
         joined, scored = dataset.with_history(frames)
-        data = dataset.encode(joined, vocab, frames, cfg.classroom_grouping, scored=scored)
+        data = dataset.encode(joined, vocab, frames, cfg.data.classroom_grouping, scored=scored)
         history = _frame(data, np.flatnonzero(~data.scored))
     else:
-        data = dataset.encode(frames.valid, vocab, frames, cfg.classroom_grouping)
-        train = dataset.encode(frames.train, vocab, frames, cfg.classroom_grouping)
+        data = dataset.encode(frames.valid, vocab, frames, cfg.data.classroom_grouping)
+        train = dataset.encode(frames.train, vocab, frames, cfg.data.classroom_grouping)
         history = _frame(train, np.arange(train.num_interactions))
         # Fitting data only: identities no scored student or classroom has.
         history["StudentID"] = -1 - history["StudentID"]
@@ -131,7 +117,7 @@ def run_baseline(cfg: BaselineConfig):
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--output-dir {out} is a file; give a directory")
     data, topk, vocab, frames = score_baseline(cfg)
-    stats = model_eval.score(data, topk, tuple(cfg.n_recommendations))
+    stats = model_eval.score(data, topk, tuple(cfg.data.n_recommendations))
     per_student, aggregate = model_eval.tables(stats)
     with RunDirectoryLock(out):  # creates the directory; refused while another job writes it
         vocab.save(out / "vocab.json")
@@ -140,7 +126,7 @@ def run_baseline(cfg: BaselineConfig):
             "model": f"baseline:{cfg.baseline}",
             "time_origin": dataset.time_origin(frames.train),
             "vocab_size": len(vocab),
-            "eval_context": cfg.eval_context,
+            "eval_context": cfg.data.eval_context,
         }
         rundir.write_config(out, record)
         write_tables(out, per_student, aggregate)

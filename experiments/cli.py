@@ -1,4 +1,4 @@
-"""Shared command-line plumbing: presets under tyro, and clean errors with fixed exit codes.
+"""Shared command-line plumbing: tyro parsing with one-line errors, fixed exit codes, logging and the compilation cache.
 
 Exit codes are :mod:`studyrec.errors`'s: a failure the library names gets one ``error:`` line and
 its code (2 for bad input); ``--debug`` shows the traceback instead.
@@ -71,16 +71,6 @@ def enable_compilation_cache() -> None:
              "or to off to disable it", folder)
 
 
-def preset_from_argv(argv: list[str], default: str = "default") -> str:
-    """The value of ``--preset`` (either spelling), read before tyro so it can set the defaults."""
-    for i, arg in enumerate(argv):
-        if arg == "--preset" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith("--preset="):
-            return arg.split("=", 1)[1]
-    return default
-
-
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _RULE = re.compile(r"^[\s─━═╌┄-]*$")
 
@@ -115,7 +105,9 @@ def summarise_tyro_error(box: str) -> str:
     return message
 
 
-def parse_flags(config_type: type[T], *, default: T, args: Sequence[str], prog: str) -> T:
+def parse_flags(
+    config_type: type[T], *, default: T, args: Sequence[str], prog: str, markers: Sequence = (), hint: str = ""
+) -> T:
     """``tyro.cli``, except that a rejected command line prints one ``error:`` line and exits 2.
 
     With ``--debug`` among ``args``, tyro's full error box is printed as well.
@@ -125,13 +117,13 @@ def parse_flags(config_type: type[T], *, default: T, args: Sequence[str], prog: 
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured):
-            config = tyro.cli(config_type, default=default, args=list(args), prog=prog)
+            config = tyro.cli(config_type, default=default, args=list(args), prog=prog, config=tuple(markers) or None)
     except SystemExit as e:
         if e.code in (0, None):  # --help
             raise
         if "--debug" in args:
             sys.stderr.write(captured.getvalue())
-        print(f"error: {summarise_tyro_error(captured.getvalue())} (see {prog} --help)", file=sys.stderr)
+        print(f"error: {summarise_tyro_error(captured.getvalue())} ({hint}{'; ' if hint else ''}see {prog} --help)", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
     sys.stderr.write(captured.getvalue())  # warnings from a successful parse
     return config

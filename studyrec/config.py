@@ -6,69 +6,49 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
+
+import tyro
 
 from studyrec.models import ModelConfig, model_class
 
 
+DEFAULT_ARCH = ModelConfig(
+    num_layers=2, d_model=64, qkv_dim=64, num_heads=4, mlp_dim=256,
+    tie_embeddings=True, copy_head=True, gap_embedding=True, own_bias="auto", dtype="auto",
+)
+"""The training CLI's model: small, with the additions that help on classroom data (see Results)."""
+
+
 @dataclasses.dataclass(frozen=True)
-class ArchConfig:
-    """Decoder sizes (the vocabulary width comes from the data)."""
+class DataConfig:
+    """The data a job reads and how its validation interactions are scored (training and baselines alike)."""
 
-    num_layers: int = 2
-    """Decoder blocks."""
-    d_model: int = 64
-    """Embedding and residual width."""
-    qkv_dim: int = 64
-    """Total query/key/value width over all heads."""
-    num_heads: int = 4
-    """Attention heads."""
-    mlp_dim: int = 256
-    """Hidden width of the MLPs."""
-    dropout: float = 0.1
-    """Dropout on embeddings, attention outputs and MLPs."""
-    attention_dropout: float = 0.1
-    """Dropout on attention weights (0 enables the fused attention kernel in training)."""
-    tie_embeddings: bool = True
-    """Use the input embedding table as the output layer (copying a seen title generalises; the reference unties)."""
-    recency_bias: bool = False
-    """Learned per-head attention bias on log(1 + days between query and key)."""
-    copy_head: bool = True
-    """Mix the output with a pointer over the titles in view (copying a classmate's or one's own read generalises; the reference has none)."""
-    copy_bias_gain: float = 10.0
-    """The copy head's recency and gate biases learn at this scale (30 helped on 1k students, not on 15k; see Results)."""
-    gap_embedding: bool = True
-    """Embed the time since the student's previous read into each input (how stale their last title is; the reference has none)."""
-    own_bias: float | None | Literal["auto"] = "auto"
-    """Learned attention and copy-head biases on the student's own reads against classmates', the attention's starting at this many logits (None: off; auto: the model's default, 3 for study and off for the others, see Results; the reference has none)."""
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """Compute dtype: auto is bfloat16 on GPU/TPU and float32 on CPU."""
+    train_data: tuple[str, ...] = ()
+    """Training activity CSV/Parquet files (default: the bundled sample)."""
+    valid_data: tuple[str, ...] = ()
+    """Validation activity files: the interactions scored (default: the bundled sample)."""
+    student_info: str | None = None
+    """student_info CSV: StudentID, OrgnID, GRADE_LVL_NBR (default: the bundled sample's when no training file is given)."""
+    school_info: str | None = None
+    """school_info CSV: OrgnID, Parent_Building_ID (needed for district_grade)."""
+    vocab_size: int = 2000
+    """Titles kept in the vocabulary (most read first); 0 keeps all. Give models and baselines the same value to compare them."""
+    classroom_grouping: Literal["school_grade", "district_grade", "grade", "none"] = "school_grade"
+    """Who shares a row, and who counts as a classmate: see the README's table of groupings."""
+    eval_context: Literal["valid-only", "history"] = "valid-only"
+    """Final evaluation context: the validation file alone (the reference), or each student's and classmates' training history too."""
+    n_recommendations: tuple[int, ...] = (1, 3, 5, 10, 20)
+    """The n of hits@n in the final evaluation."""
 
-    def model_config(
-        self, vocab_size: int, num_grade_levels: int | None, seq_len: int, platform: str, *, model: str
-    ) -> ModelConfig:
-        """The ``ModelConfig`` for the registered ``model`` on ``platform``."""
-        dtype = self.dtype if self.dtype != "auto" else ("float32" if platform == "cpu" else "bfloat16")
-        own_bias = self.own_bias if self.own_bias != "auto" else model_class(model).default_own_bias
-        return ModelConfig(
-            vocab_size=vocab_size,
-            num_layers=self.num_layers,
-            d_model=self.d_model,
-            qkv_dim=self.qkv_dim,
-            num_heads=self.num_heads,
-            mlp_dim=self.mlp_dim,
-            dropout=self.dropout,
-            attention_dropout=self.attention_dropout,
-            max_len=max(seq_len, 512),
-            num_grade_levels=num_grade_levels,
-            tie_embeddings=self.tie_embeddings,
-            recency_bias=self.recency_bias,
-            copy_head=self.copy_head,
-            copy_bias_gain=self.copy_bias_gain,
-            gap_embedding=self.gap_embedding,
-            own_bias=own_bias,
-            dtype=dtype,
-        )
+    def check(self) -> None:
+        """Rejects values that cannot work, before anything is read."""
+        check_vocab_size(self.vocab_size)
+        check_n_recommendations(tuple(self.n_recommendations))
+
+
+Flat = Annotated[DataConfig, tyro.conf.arg(name="")]
+"""A nested config whose flags keep their plain names (``--train-data``, not ``--data.train-data``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,16 +117,10 @@ class TrainConfig:
 
     model: str = "study"
     """Which recommender to train: individual, study, study-lagfree, or a model registered with studyrec.models.register."""
-    preset: Literal["default", "cpu-small", "paper"] = "default"
-    """Starting point for every other flag (flags given explicitly win)."""
-    train_data: tuple[str, ...] = ()
-    """Training activity CSV/Parquet files (default: the bundled sample)."""
-    valid_data: tuple[str, ...] = ()
-    """Validation activity files (default: the bundled sample)."""
-    student_info: str | None = None
-    """student_info CSV: StudentID, OrgnID, GRADE_LVL_NBR (default: the bundled sample's)."""
-    school_info: str | None = None
-    """school_info CSV: OrgnID, Parent_Building_ID (needed for district_grade)."""
+    preset: Annotated[str, tyro.conf.Suppress] = "default"
+    """The preset this config started from (a subcommand of experiments.train), recorded in config.json."""
+    data: Flat = DataConfig()
+    """The data and how it is scored."""
     output_dir: str = "runs/{model}"
     """Run directory; rerunning with the same one resumes from its last checkpoint."""
     steps: int = 400
@@ -175,10 +149,6 @@ class TrainConfig:
     """Decay biases, LayerNorm and embeddings too, as the reference does (default: matrices only)."""
     grad_clip: float | None = 1.0
     """Clip the global gradient norm (None: no clipping, as the reference)."""
-    vocab_size: int = 2000
-    """Titles kept in the vocabulary (most read first); 0 keeps all."""
-    classroom_grouping: Literal["school_grade", "district_grade", "grade", "none"] = "school_grade"
-    """Who shares a row: see the README's table of groupings."""
     sampler: Literal["aligned", "random"] = "aligned"
     """Training rows: classmates' chunks around one moment (aligned), or each at random (the reference)."""
     grade_levels: int | None = None
@@ -195,18 +165,14 @@ class TrainConfig:
     """Steps between metric logs."""
     seed: int = 0
     """Seeds the initial parameters, dropout and the training rows."""
-    n_recommendations: tuple[int, ...] = (1, 3, 5, 10, 20)
-    """The n of hits@n in the final evaluation."""
     select_best: bool = True
     """Final evaluation with the parameters of the best validation accuracy seen at the evaluations (False: the last)."""
-    eval_context: Literal["valid-only", "history"] = "valid-only"
-    """Final evaluation context: the validation file alone (the reference), or each student's and classmates' training history too."""
     fsdp: int = 1
     """Devices that share each parameter (fully sharded data parallel); 1 = replicate."""
     prefetch: int = 8
     """Batches packed ahead of the device."""
-    arch: ArchConfig = ArchConfig()
-    """Model sizes."""
+    arch: ModelConfig = DEFAULT_ARCH
+    """Model sizes and options."""
     wandb: WandbConfig = WandbConfig()
     """Weights & Biases."""
     dist: DistConfig = DistConfig()
@@ -220,6 +186,13 @@ class TrainConfig:
 
     def run_dir(self) -> str:
         return self.output_dir.format(model=self.model)
+
+    def model_config(self, vocab_size: int, platform: str) -> ModelConfig:
+        """``arch`` resolved for this job's model, vocabulary, row length, grade levels and platform."""
+        return self.arch.resolve(
+            vocab_size=vocab_size, seq_len=self.seq_len, num_grade_levels=self.grade_levels, platform=platform,
+            default_own_bias=model_class(self.model).default_own_bias,
+        )
 
 
 def check_vocab_size(vocab_size: int) -> None:
@@ -254,7 +227,7 @@ PRESETS: dict[str, TrainConfig] = {
     # The side-by-side comparison with the reference on a 2-core CPU.
     "cpu-small": TrainConfig(
         preset="cpu-small",
-        arch=ArchConfig(num_layers=2, d_model=128, qkv_dim=128, num_heads=8, mlp_dim=512),
+        arch=dataclasses.replace(DEFAULT_ARCH, num_layers=2, d_model=128, qkv_dim=128, num_heads=8, mlp_dim=512),
         seq_len=65,
         student_chunk_size=65,
         per_device_batch_size=32,
@@ -268,7 +241,7 @@ PRESETS: dict[str, TrainConfig] = {
     # The reference README's paper-scale run.
     "paper": TrainConfig(
         preset="paper",
-        arch=ArchConfig(num_layers=6, d_model=256, qkv_dim=256, num_heads=8, mlp_dim=1024),
+        arch=dataclasses.replace(DEFAULT_ARCH, num_layers=6, d_model=256, qkv_dim=256, num_heads=8, mlp_dim=1024),
         seq_len=65,
         student_chunk_size=65,
         per_device_batch_size=2048,

@@ -16,6 +16,7 @@ import time
 import typing
 from pathlib import Path
 
+from studyrec.config import DataConfig, TrainConfig
 from studyrec.data.atomic import write_text_atomic
 from studyrec.data.vocab import Vocabulary
 
@@ -76,6 +77,17 @@ def from_dict(cls: type, data: dict, where: str):
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{where}: cannot rebuild {cls.__name__}: {e}") from None
+
+
+def train_config(record: dict, where: str) -> TrainConfig:
+    """The ``TrainConfig`` of a ``config.json`` record; runs saved before ``DataConfig`` had its fields at the top."""
+    flags = record.get("config", {})
+    if isinstance(flags, dict) and "data" not in flags:
+        data_fields = {f.name for f in dataclasses.fields(DataConfig)}
+        flags = {k: v for k, v in flags.items() if k not in data_fields} | {
+            "data": {k: v for k, v in flags.items() if k in data_fields}
+        }
+    return from_dict(TrainConfig, flags, f"{where}: config")
 
 
 def _convert(hint, value, where: str):

@@ -31,7 +31,7 @@ def test_writes_a_run_directory_like_a_trained_model(own_last):
     assert {p.name for p in run.iterdir()} >= {"config.json", "vocab.json", "per_student.csv", "aggregate.csv", "recommendations.json"}
     config = json.loads((run / "config.json").read_text())
     assert config["model"] == "baseline:own_last" and config["eval_context"] == "valid-only"
-    assert config["config"]["n_recommendations"] == [1, 3, 5, 10, 20]
+    assert config["config"]["data"]["n_recommendations"] == [1, 3, 5, 10, 20]
     per_student = pd.read_csv(run / "per_student.csv")
     aggregate = pd.read_csv(run / "aggregate.csv")
     assert list(per_student.columns) == PER_STUDENT_COLUMNS and list(aggregate.columns) == AGGREGATE_COLUMNS

@@ -29,6 +29,7 @@ from experiments import recommend as recommend_cli
 from studyrec.data.generate import sample_data_paths
 from studyrec.data.io import load_activity
 from studyrec.data.vocab import Vocabulary
+from studyrec.config import DataConfig
 from studyrec.recommend import load_run
 from studyrec.checkpoint import CHECKSUMS, CheckpointMismatch, Checkpoints, _file_digests
 from studyrec.train.step import make_optimizer
@@ -341,9 +342,9 @@ def resume(pristine: Path, run: Path) -> Path:
 
     paths = sample_data_paths()
     cfg = dataclasses.replace(
-        load_run(pristine).config, output_dir=str(run), eval_rows=0, valid_data=(),
-        train_data=(str(paths["train"]),), student_info=str(paths["student_info"]),
-        school_info=str(paths["school_info"]),
+        load_run(pristine).config, output_dir=str(run), eval_rows=0,
+        data=DataConfig(train_data=(str(paths["train"]),), student_info=str(paths["student_info"]),
+                        school_info=str(paths["school_info"])),
     )
     return train(cfg)
 
@@ -419,9 +420,9 @@ def test_resume_refuses_checkpoints_of_other_titles(pristine, run, tmp_path):
     from studyrec.train.loop import train
 
     cfg = dataclasses.replace(
-        load_run(pristine).config, output_dir=str(run), eval_rows=0, valid_data=(),
-        train_data=(str(tmp_path / "train.csv"),), student_info=str(paths["student_info"]),
-        school_info=str(paths["school_info"]),
+        load_run(pristine).config, output_dir=str(run), eval_rows=0,
+        data=DataConfig(train_data=(str(tmp_path / "train.csv"),), student_info=str(paths["student_info"]),
+                        school_info=str(paths["school_info"])),
     )
     before = [p for p in listing(run) if p.startswith("checkpoints")]
     with pytest.raises(CheckpointMismatch, match="vocab_fingerprint"):

@@ -31,7 +31,7 @@ from studyrec.evaluate.metrics import target_ranks
 from studyrec.evaluate.topk import top_titles
 from studyrec.models import ModelConfig, build
 from studyrec.train import memory
-from studyrec.train.loop import check_flags
+from studyrec.train.checks import check_flags
 from studyrec.train.step import make_optimizer, make_train_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -349,7 +349,7 @@ def test_training_jobs_in_one_process_do_not_accumulate_memory_maps(tmp_path):
     Without that, every job kept about two thousand memory maps and a few dozen jobs reached the
     kernel's vm.max_map_count, where XLA aborts the process.
     """
-    from studyrec.config import TrainConfig, WandbConfig
+    from studyrec.config import DataConfig, TrainConfig, WandbConfig
     from studyrec.train.loop import train
 
     def maps() -> int:
@@ -359,6 +359,6 @@ def test_training_jobs_in_one_process_do_not_accumulate_memory_maps(tmp_path):
     counts = []
     for job in range(2):
         train(TrainConfig(output_dir=str(tmp_path / f"job{job}"), steps=2, eval_every=2, save_every=2, eval_rows=8,
-                          per_device_batch_size=1, n_recommendations=(1,), wandb=WandbConfig(mode="disabled")))
+                          per_device_batch_size=1, data=DataConfig(n_recommendations=(1,)), wandb=WandbConfig(mode="disabled")))
         counts.append(maps())
     assert counts[1] - counts[0] < 300, counts  # about 2,000 when a job's executables stay

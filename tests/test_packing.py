@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from studyrec.data import Chunks, ClassroomPacker, Interactions, Vocabulary, make_chunks, pack_histories
-from studyrec.data.packing import Placements
+from studyrec.data.packing import Placements, compose
 from studyrec.data.pipeline import eval_batches, local_rows, training_batches
 
 SEP = 50
@@ -306,3 +306,24 @@ def test_focus_eval_layout_scores_each_chunk_once_in_its_own_row():
 def test_focus_rows_need_room_for_a_classmate():
     with pytest.raises(ValueError, match="classmate chunk size 6 leaves no room"):
         focus_packer(10, context=6)
+
+
+def test_compose_ends_a_placement_with_its_trailing_token():
+    """A trailing token (a query or carrier slot) continues its run: title 0, same slot, next position."""
+    titles, times, grades = np.array([5, 6, 7, 8], np.int32), np.array([10, 20, 30, 40], np.int32), np.array([1, 2], np.int32)
+    where = Placements(
+        row=np.array([0, 0, 1]), col=np.array([0, 4, 0]), slot=np.array([1, 2, 1]), start=np.array([0, 2, 3]),
+        length=np.array([2, 1, 0]), student=np.array([0, 1, 1]), scored=np.array([True, False, True]),
+        lead=np.zeros(3, np.int64),
+    )
+    trailing = (np.array([0, 2]), np.array([25, 99], np.int32))
+    sample, source = compose(2, where, titles, times, grades, SEP, 6, trailing)
+    assert sample.titles.tolist() == [[5, 6, 0, SEP, 7, 0], [0] * 6]
+    assert sample.segments.tolist() == [[1, 1, 1, 0, 2, 0], [1, 0, 0, 0, 0, 0]]
+    assert sample.timestamps.tolist() == [[10, 20, 25, 0, 30, 0], [99, 0, 0, 0, 0, 0]]
+    assert sample.positions.tolist() == [[0, 1, 2, 0, 0, 0], [0] * 6]
+    assert sample.grade_level.tolist() == [1, 2]
+    assert source.tolist() == [[0, 1, -1, -1, -1, -1], [-1] * 6]
+    plain, plain_source = compose(2, where, titles, times, grades, SEP, 6)
+    assert plain.titles.tolist() == sample.titles.tolist() and plain.segments[1].tolist() == [0] * 6
+    np.testing.assert_array_equal(plain_source, source)

@@ -16,6 +16,7 @@ from experiments import recommend as recommend_cli
 from studyrec.data.generate import sample_data_paths
 from studyrec.data.io import load_activity, load_student_info
 from studyrec.data.packing import pack_histories
+from studyrec.data.query_rows import QueryHistory, compose_queries, layout_queries
 from studyrec.models import Individual, Study
 from studyrec.models.masks import study_mask
 from studyrec.recommend import as_seconds, last_block, last_block_input, last_layer_attention, load_run
@@ -345,3 +346,28 @@ def test_cli_bad_input_exits_2_with_one_line(cli_inputs, tmp_path, capsys, chang
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and message in err[-1]
+
+
+def test_a_query_row_by_hand():
+    """Own latest reads then the query slot at as_of, then each classmate (most recent first) with a
+    carrier slot at its last read; every key carries its student's previous title."""
+    history = QueryHistory(
+        titles=np.array([1, 2, 3, 4, 5, 6], np.int32),
+        timestamps=np.array([100, 200, 300, 150, 400, 250], np.int64),
+        students=np.array([10, 20, 30]),
+        start=np.array([0, 3, 5]),
+        count=np.array([3, 2, 1]),
+        classroom=np.array([0, 0, 0]),
+        grade=np.array([3, 4, 5], np.int32),
+        time_origin=50,
+    )
+    layout = layout_queries(history, np.array([0]), seq_len=12, chunk=3, classmates=True, carriers=True, mate_chunk=3)
+    rows = compose_queries(history, layout, np.array([0]), batch=2, as_of=1000, sep=99)
+    s = rows.sample
+    assert s.titles.tolist() == [[2, 3, 0, 99, 4, 5, 0, 99, 6, 0, 0, 0], [0] * 12]
+    assert s.segments.tolist() == [[1, 1, 1, 0, 2, 2, 2, 0, 3, 3, 0, 0], [0] * 12]
+    assert s.timestamps.tolist() == [[150, 250, 950, 0, 100, 350, 350, 0, 200, 200, 0, 0], [0] * 12]
+    assert s.positions.tolist() == [[0, 1, 2, 0, 0, 1, 2, 0, 0, 1, 0, 0], [0] * 12]
+    assert s.grade_level.tolist() == [3, 0] and rows.query_col.tolist() == [2, 0]
+    assert rows.carried_title.tolist() == [[0, 2, 3, 0, 0, 4, 5, 0, 0, 6, 0, 0], [0] * 12]
+    assert rows.carried_time.tolist() == [[0, 200, 300, 0, 0, 150, 400, 0, 0, 250, 0, 0], [0] * 12]

@@ -3,6 +3,7 @@
 ``tiny_run_dir()`` trains one tiny STUDY run per test session (``test_recommend.py`` shares it).
 """
 
+import dataclasses
 import atexit
 import functools
 import json
@@ -22,7 +23,7 @@ from studyrec.data.vocab import Vocabulary
 from studyrec.models import ModelConfig, Study, build
 from studyrec.recommend import Run, load_run
 from studyrec.checkpoint import Checkpoints
-from studyrec.config import ArchConfig, TrainConfig, WandbConfig
+from studyrec.config import DEFAULT_ARCH, TrainConfig, WandbConfig
 
 
 @functools.cache
@@ -33,7 +34,7 @@ def tiny_run_dir() -> Path:
     root = Path(tempfile.mkdtemp(prefix="studyrec-tiny-run-"))
     atexit.register(shutil.rmtree, root, ignore_errors=True)
     cfg = TrainConfig(
-        arch=ArchConfig(num_layers=1, d_model=16, qkv_dim=16, num_heads=2, mlp_dim=32),
+        arch=dataclasses.replace(DEFAULT_ARCH, num_layers=1, d_model=16, qkv_dim=16, num_heads=2, mlp_dim=32),
         steps=4, eval_every=2, save_every=2, log_every=2, eval_rows=32, per_device_batch_size=2,
         wandb=WandbConfig(mode="disabled"), output_dir=str(root / "study"),
     )
@@ -72,7 +73,7 @@ def test_load_run_restores_the_latest_checkpoint(run_dir):
     assert run.vocab == Vocabulary.load(run_dir / "vocab.json")
     assert run.model_config == ModelConfig(**record["model_config"])
     assert isinstance(run.config, TrainConfig) and run.config.arch.d_model == 16 and run.config.steps == 4
-    assert run.config.n_recommendations == (1, 3, 5, 10, 20)  # JSON lists come back as tuples
+    assert run.config.data.n_recommendations == (1, 3, 5, 10, 20)  # JSON lists come back as tuples
     assert run.time_origin == record["time_origin"]
 
     # The parameters are the checkpoint's, not a fresh initialisation.

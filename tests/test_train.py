@@ -16,18 +16,19 @@ from studyrec.data.vocab import UNDEF
 from studyrec.models import build
 from studyrec.checkpoint import Checkpoints
 from studyrec.models import STUDY_OWN_BIAS
-from studyrec.config import PRESETS, ArchConfig, TrainConfig, WandbConfig
-from studyrec.train.loop import check_flags, resolve_steps, train
+from studyrec.config import DEFAULT_ARCH, PRESETS, DataConfig, TrainConfig, WandbConfig
+from studyrec.train.checks import check_flags, resolve_steps
+from studyrec.train.loop import train
 from studyrec.sharding import make_mesh, place_batch, shard_params
 from studyrec.train.step import make_optimizer, make_train_step, schedule
 
-TINY_ARCH = ArchConfig(num_layers=1, d_model=16, qkv_dim=16, num_heads=2, mlp_dim=32)
+TINY_ARCH = dataclasses.replace(DEFAULT_ARCH, num_layers=1, d_model=16, qkv_dim=16, num_heads=2, mlp_dim=32)
 
 
 def tiny(tmp_path, **overrides) -> TrainConfig:
     base = TrainConfig(
         arch=TINY_ARCH, steps=6, per_device_batch_size=2, learning_rate=3e-3, scale_lr=False, warmup_steps=2,
-        eval_every=3, save_every=3, log_every=1, eval_rows=16, n_recommendations=(1, 5),
+        eval_every=3, save_every=3, log_every=1, eval_rows=16, data=DataConfig(n_recommendations=(1, 5)),
         wandb=WandbConfig(mode="disabled"), output_dir=str(tmp_path),
     )
     return dataclasses.replace(base, **overrides)
@@ -35,26 +36,30 @@ def tiny(tmp_path, **overrides) -> TrainConfig:
 
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_every_preset_loads_and_builds(name):
-    cfg = parse(["--preset", name])
+    cfg = parse([name])
     assert cfg.preset == name
-    model_config = cfg.arch.model_config(2003, cfg.grade_levels, cfg.seq_len, "cpu", model=cfg.model)
+    model_config = cfg.model_config(2003, "cpu")
     assert model_config.d_model == cfg.arch.d_model
     shapes = jax.eval_shape(lambda: build(cfg.model, model_config, key=jax.random.key(0)))
     assert shapes.decoder.embedding.shape == (2003, cfg.arch.d_model)
 
 
 def test_presets_match_their_definitions():
-    small = parse(["--preset", "cpu-small"])
+    small = parse(["cpu-small"])
     assert (small.arch.num_layers, small.arch.d_model, small.arch.qkv_dim, small.arch.mlp_dim, small.arch.num_heads) == (2, 128, 128, 512, 8)
     assert (small.seq_len, small.chunk_size, small.per_device_batch_size) == (65, 65, 32)
-    paper = parse(["--preset", "paper", "--steps", "10"])
+    paper = parse(["paper", "--steps", "10"])
     assert (paper.arch.num_layers, paper.arch.d_model, paper.per_device_batch_size, paper.learning_rate) == (6, 256, 2048, 0.0016)
     assert paper.steps == 10  # explicit flags win over the preset
+    assert parse(["--steps", "10", "--model", "individual"]).preset == "default"  # no subcommand: the default preset
+    assert parse(["cpu-small", "--train-data", "a.csv", "b.csv", "--vocab-size", "7"]).data == DataConfig(
+        train_data=("a.csv", "b.csv"), vocab_size=7
+    )  # the data flags keep their plain names
 
 
 def test_own_bias_defaults_to_study_only():
-    config = lambda arch, model: arch.model_config(50, None, 65, "cpu", model=model)  # noqa: E731
-    assert [config(ArchConfig(), m).own_bias for m in ("study", "individual", "study-lagfree")] == [STUDY_OWN_BIAS, None, None]
+    config = lambda arch, model: TrainConfig(arch=arch, model=model).model_config(50, "cpu")  # noqa: E731
+    assert [config(DEFAULT_ARCH, m).own_bias for m in ("study", "individual", "study-lagfree")] == [STUDY_OWN_BIAS, None, None]
     chosen = parse(["--model", "study-lagfree", "--arch.own-bias", "1.5"])
     assert config(chosen.arch, chosen.model).own_bias == 1.5
     off = parse(["--model", "study", "--arch.own-bias", "None"])
@@ -79,7 +84,8 @@ def test_end_to_end_on_a_data_by_fsdp_mesh_lowers_the_loss(tmp_path):
 
 
 def test_focus_rows_train_and_score_every_validation_interaction(tmp_path):
-    run = train(tiny(tmp_path, student_chunk_size=8, classmate_chunk_size=4, eval_context="history", steps=4, eval_every=2))
+    history = DataConfig(eval_context="history", n_recommendations=(1, 5))
+    run = train(tiny(tmp_path, student_chunk_size=8, classmate_chunk_size=4, data=history, steps=4, eval_every=2))
     recommendations = json.loads((run / "recommendations.json").read_text())
     valid = pd.read_csv(sample_data_paths()["valid"])
     assert sum(len(v) for v in recommendations.values()) == len(valid)
@@ -116,10 +122,10 @@ def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path):
 def test_one_device_and_eight_devices_agree(tmp_path):
     cfg = tiny(tmp_path)
     frames = dataset.Frames.load(dataset.DataPaths.resolve((), (), None, None))
-    vocab = dataset.build_vocab(frames, cfg.vocab_size)
-    data = dataset.encode(frames.train, vocab, frames, cfg.classroom_grouping)
+    vocab = dataset.build_vocab(frames, cfg.data.vocab_size)
+    data = dataset.encode(frames.train, vocab, frames, cfg.data.classroom_grouping)
     packer = ClassroomPacker(data, make_chunks(data, cfg.chunk_size), cfg.seq_len, vocab.sep, dataset.time_origin(frames.train))
-    model_config = cfg.arch.model_config(vocab.logits_size, None, cfg.seq_len, "cpu", model="study")
+    model_config = cfg.model_config(vocab.logits_size, "cpu")
     losses = {}
     for n in (1, 8):
         mesh = make_mesh(1, jax.devices()[:n])

@@ -26,9 +26,11 @@ def test_shared_axis_names_must_agree():
         masks.study_mask(jnp.ones(5, jnp.int32), jnp.ones(4, jnp.int32))  # both " seq"
 
 
-def test_numpy_is_not_a_jax_array():
+def test_numpy_rows_are_checked_too():
+    # Samples may hold numpy arrays (pack_histories), so the masks take ArrayLike; shapes still count.
+    assert masks.individual_mask(np.ones(5, np.int32)).shape == (5, 5)
     with pytest.raises(jaxtyping.TypeCheckError):
-        masks.individual_mask(np.ones(5, np.int32))  # Int[Array, ...] wants a jax.Array
+        masks.individual_mask(np.ones((1, 5), np.int32))
 
 
 def test_dtype_promotion_is_strict():

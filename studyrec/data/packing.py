@@ -5,7 +5,8 @@ reference, rows carry a per-row ``segments`` number (1, 2, … for the row's stu
 separators and padding) instead of raw StudentIDs, so no id can collide with a separator or
 padding, and timestamps are int32 seconds relative to a stored origin (no 2038 limit).
 
-Two layouts, both vectorised over rows:
+Every layout says where runs of interactions go (``Placements``) and leaves the rows to one
+``compose``. Three layouts, all vectorised over rows:
 
 - ``random_rows(seed, rows)``: training rows drawn with replacement. A row's classroom is drawn in
   proportion to its students; classmates are taken in random order while they fit (three misfits
@@ -15,9 +16,13 @@ Two layouts, both vectorised over rows:
 - ``EvalLayout``: an exhaustive, ordered pass. Classmates' ``r``-th chunks counting back from
   their latest share rows (filled in StudentID order), so every interaction lands in exactly one
   row, classmates' latest activity sits together, and a student's chunks come out earliest first.
+- Recommendation query rows (``studyrec.data.query_rows``): one row per student, their latest
+  interactions then a trailing *query slot* at the moment asked about, and the classroom's most
+  recently active classmates after them (each ending with a trailing *carrier* slot for models
+  whose keys carry the previous title).
 
-With ``context_size`` both become *focus* rows: one student's chunk, then each classmate's latest
-``context_size`` interactions strictly before its last (see ``ClassroomPacker``).
+With ``context_size`` the first two become *focus* rows: one student's chunk, then each classmate's
+latest ``context_size`` interactions strictly before its last (see ``ClassroomPacker``).
 """
 
 from __future__ import annotations
@@ -100,6 +105,55 @@ class Placements:
         return Placements(**{f.name: np.concatenate([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(Placements)})
 
 
+def compose(
+    num_rows: int,
+    where: Placements,
+    titles: np.ndarray,
+    relative_times: np.ndarray,
+    grades: np.ndarray,
+    sep: int,
+    seq_len: int,
+    trailing: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[Sample, np.ndarray]:
+    """Builds ``num_rows`` rows of ``seq_len`` from placements; also returns each token's source
+    interaction (-1: none, and for context-only interactions).
+
+    Interaction ``i`` reads ``titles[i]`` at ``relative_times[i]`` (int32 seconds from the time
+    origin); student ``s`` has grade ``grades[s]``, the row's grade when in slot 1. A later slot
+    follows a ``sep`` token. ``trailing = (index, time)``: placement ``index[j]`` ends with one more
+    token of title 0 at relative time ``time[j]``, continuing its slot and positions, with no source
+    (a recommendation's query slot, or a classmate's carrier slot: see ``studyrec.data.query_rows``).
+    """
+    L = seq_len
+    lengths = where.length
+    within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    r = np.repeat(where.row, lengths)
+    c = np.repeat(where.col, lengths) + within
+    src = np.repeat(where.start, lengths) + within
+    out_titles = np.zeros((num_rows, L), np.int32)
+    segments = np.zeros((num_rows, L), np.int32)
+    timestamps = np.zeros((num_rows, L), np.int32)
+    positions = np.zeros((num_rows, L), np.int32)
+    source = np.full((num_rows, L), -1, np.int64)
+    out_titles[r, c] = titles[src]
+    segments[r, c] = np.repeat(where.slot, lengths)
+    timestamps[r, c] = relative_times[src]
+    positions[r, c] = within
+    source[r, c] = np.where(np.repeat(where.scored, lengths) & (within >= np.repeat(where.lead, lengths)), src, -1)
+    if trailing is not None:
+        index, trail_time = trailing
+        tr, tc = where.row[index], where.col[index] + lengths[index]
+        segments[tr, tc] = where.slot[index]
+        timestamps[tr, tc] = trail_time
+        positions[tr, tc] = lengths[index]
+    later = where.slot > 1
+    out_titles[where.row[later], where.col[later] - 1] = sep
+    grade = np.zeros(num_rows, np.int32)
+    first = where.slot == 1
+    grade[where.row[first]] = grades[where.student[first]]
+    return Sample(out_titles, segments, timestamps, positions, grade), source
+
+
 class ClassroomPacker:
     """Packs the chunks of ``data`` into classroom rows of ``seq_len`` tokens.
 
@@ -160,28 +214,7 @@ class ClassroomPacker:
 
     def compose(self, num_rows: int, where: Placements) -> tuple[Sample, np.ndarray]:
         """Builds ``num_rows`` rows from placements; also returns each token's source interaction (-1: none)."""
-        L, data = self.seq_len, self.data
-        lengths = where.length
-        within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        r = np.repeat(where.row, lengths)
-        c = np.repeat(where.col, lengths) + within
-        src = np.repeat(where.start, lengths) + within
-        titles = np.zeros((num_rows, L), np.int32)
-        segments = np.zeros((num_rows, L), np.int32)
-        timestamps = np.zeros((num_rows, L), np.int32)
-        positions = np.zeros((num_rows, L), np.int32)
-        source = np.full((num_rows, L), -1, np.int64)
-        titles[r, c] = data.titles[src]
-        segments[r, c] = np.repeat(where.slot, lengths)
-        timestamps[r, c] = self._relative[src]
-        positions[r, c] = within
-        source[r, c] = np.where(np.repeat(where.scored, lengths) & (within >= np.repeat(where.lead, lengths)), src, -1)
-        later = where.slot > 1
-        titles[where.row[later], where.col[later] - 1] = self.sep
-        grade = np.zeros(num_rows, np.int32)
-        first = where.slot == 1
-        grade[where.row[first]] = data.grade[where.student[first]]
-        return Sample(titles, segments, timestamps, positions, grade), source
+        return compose(num_rows, where, self.data.titles, self._relative, self.data.grade, self.sep, self.seq_len)
 
     def random_placements(self, seed: int, rows: np.ndarray) -> Placements:
         """Training rows with replacement; row ``rows[b]`` depends only on ``(seed, rows[b])``."""

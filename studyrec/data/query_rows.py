@@ -8,6 +8,11 @@ previous title of their student (``DecoderModel.keys_carry_previous_title``, the
 ``Study``), each classmate's segment ends with a *carrier* slot at their last timestamp: it carries
 their latest title, and is strictly earlier than ``as_of``, so every classmate interaction in the row
 reaches the query.
+
+This is the third layout of :mod:`studyrec.data.packing`: :func:`query_placements` says where each
+run goes, as :class:`~studyrec.data.packing.Placements` whose query and carrier slots are trailing
+tokens, and :func:`studyrec.data.packing.compose` builds the rows, as it does for training and
+evaluation.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import functools
 import numpy as np
 import pandas as pd
 
-from studyrec.data.packing import Sample
+from studyrec.data.packing import Placements, Sample, compose
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +37,12 @@ class QueryHistory:
     count: np.ndarray  # int64 [S]
     classroom: np.ndarray  # int64 [S]
     grade: np.ndarray  # int32 [S]
+    time_origin: int  # seconds since 1970 that the rows' timestamps count from
+
+    @functools.cached_property
+    def relative_times(self) -> np.ndarray:
+        """int32 [N]: timestamps as rows hold them, seconds from ``time_origin``."""
+        return (self.timestamps - self.time_origin).astype(np.int32)
 
     @functools.cached_property
     def last_time(self) -> np.ndarray:
@@ -131,60 +142,53 @@ class QueryRows:
     carried_time: np.ndarray  # int64 [B, L]: when that title was read (absolute seconds)
 
 
+def query_placements(
+    history: QueryHistory, layout: QueryLayout, rows: np.ndarray, as_of: int
+) -> tuple[Placements, tuple[np.ndarray, np.ndarray]]:
+    """Where ``rows`` of the layout go, as rows ``0, 1, ...``: the placements and their trailing tokens.
+
+    Row ``b``: the queried student's latest interactions (slot 1) then its query slot at ``as_of``;
+    then, after a separator each, the classmates' latest interactions (slots 2, 3, ...), each with
+    a carrier slot at the classmate's last timestamp when ``layout.carriers``.
+    """
+    n = len(rows)
+    own = layout.own[rows]
+    mates, taken = layout.mates[rows], layout.mate_count[rows]
+    placed = mates >= 0
+    b, k = np.nonzero(placed)
+    widths = np.where(placed, 1 + taken + (1 if layout.carriers else 0), 0)  # separator, reads, carrier
+    col = (own + 1)[:, None] + np.cumsum(widths, axis=1) - widths + 1  # after the query slot and separator
+    student = np.concatenate([layout.query[rows], mates[b, k]])
+    length = np.concatenate([own, taken[b, k]])
+    m = len(student)
+    where = Placements(
+        row=np.concatenate([np.arange(n), b]),
+        col=np.concatenate([np.zeros(n, np.int64), col[b, k]]),
+        slot=np.concatenate([np.ones(n, np.int64), (np.cumsum(placed, axis=1) + 1)[b, k]]),
+        start=history.start[student] + history.count[student] - length,
+        length=length,
+        student=student,
+        scored=np.ones(m, bool),
+        lead=np.zeros(m, np.int64),
+    )
+    trail = np.arange(m if layout.carriers else n)
+    when = np.concatenate([np.full(n, as_of, np.int64), history.last_time[student[n:]]])[trail]
+    return where, (trail, (when - history.time_origin).astype(np.int32))
+
+
 def compose_queries(
-    history: QueryHistory, layout: QueryLayout, rows: np.ndarray, batch: int, as_of: int, origin: int, sep: int
+    history: QueryHistory, layout: QueryLayout, rows: np.ndarray, batch: int, as_of: int, sep: int
 ) -> QueryRows:
     """Packs ``rows`` of the layout into ``batch`` rows (the rest empty)."""
-    L = layout.seq_len
-    n = len(rows)
-    W = layout.mates.shape[1]
-    mates, taken = layout.mates[rows], layout.mate_count[rows]
-    seg_len = taken + (1 if layout.carriers else 0)
-    own = layout.own[rows]
-    # Pieces: the queried student (slot 1) then each classmate placed (slots 2, 3, ...).
-    placed = mates >= 0
-    col0 = own + 1  # after the query slot
-    widths = np.where(placed, 1 + seg_len, 0)
-    starts = col0[:, None] + np.cumsum(widths, axis=1) - widths + 1  # skip the separator
-    r_idx = np.arange(n)
-    piece_row = np.concatenate([r_idx, np.repeat(r_idx, W)[placed.ravel()]])
-    piece_col = np.concatenate([np.zeros(n, np.int64), starts[placed]])
-    piece_slot = np.concatenate([np.ones(n, np.int64), (np.cumsum(placed, axis=1) + 1)[placed]])
-    piece_student = np.concatenate([layout.query[rows], mates[placed]])
-    piece_taken = np.concatenate([own, taken[placed]])
-    piece_trailing = np.concatenate([np.ones(n, bool), np.full(placed.sum(), layout.carriers)])
-    last = history.last_time[piece_student]
-    piece_trail_time = np.concatenate([np.full(n, as_of, np.int64), last[n:]])
-
-    cells = piece_taken + piece_trailing
-    within = np.arange(cells.sum()) - np.repeat(np.cumsum(cells) - cells, cells)
-    r = np.repeat(piece_row, cells)
-    c = np.repeat(piece_col, cells) + within
-    count = np.repeat(piece_taken, cells)
-    first = np.repeat(history.start[piece_student] + history.count[piece_student] - piece_taken, cells)
-    trailing = within >= count
-    # Index -1 reads the padding appended below, so an empty history needs no special case.
-    src = np.where(trailing, -1, first + within)
-    prev = np.where(within > 0, first + within - 1, -1)
-    all_titles, all_times = history.padded
-
-    titles = np.zeros((batch, L), np.int32)
-    segments = np.zeros((batch, L), np.int32)
-    stamps = np.zeros((batch, L), np.int64)
-    positions = np.zeros((batch, L), np.int32)
-    carried = np.zeros((batch, L), np.int32)
-    carried_time = np.zeros((batch, L), np.int64)
-    titles[r, c] = all_titles[src]
-    segments[r, c] = np.repeat(piece_slot, cells)
-    stamps[r, c] = np.where(trailing, np.repeat(piece_trail_time, cells), all_times[src]) - origin
-    positions[r, c] = within
-    carried[r, c] = all_titles[prev]
-    carried_time[r, c] = all_times[prev]
-    later = piece_slot > 1
-    titles[piece_row[later], piece_col[later] - 1] = sep
-    grade = np.zeros(batch, np.int32)
-    grade[:n] = history.grade[layout.query[rows]]
+    where, trailing = query_placements(history, layout, rows, as_of)
+    sample, source = compose(
+        batch, where, history.titles, history.relative_times, history.grade, sep, layout.seq_len, trailing
+    )
+    # Each key carries the title before it in its student's run (nothing at a run's start); every
+    # interaction is scored, so ``source`` names them all.
+    prev = np.full_like(source, -1)
+    prev[:, 1:] = np.where(sample.positions[:, 1:] > 0, source[:, :-1], -1)
+    all_titles, all_times = history.padded  # index -1 reads 0
     query_col = np.zeros(batch, np.int32)
-    query_col[:n] = own
-    sample = Sample(titles, segments, stamps.astype(np.int32), positions, grade)
-    return QueryRows(sample, query_col, carried, carried_time)
+    query_col[: len(rows)] = layout.own[rows]
+    return QueryRows(sample, query_col, all_titles[prev], all_times[prev])

@@ -1,18 +1,29 @@
-"""Model sizes and options: one frozen dataclass shared by Individual and STUDY."""
+"""Model sizes and options: one frozen dataclass shared by every model, the library's and the CLI's.
+
+The class defaults are the reference's (spec §5.1); the training CLI starts from
+``studyrec.config.DEFAULT_ARCH`` instead. Three fields come from the data, not from a flag
+(``vocab_size``, ``max_len``, ``num_grade_levels``), and two may say ``"auto"`` until
+:meth:`ModelConfig.resolve` fixes them for a model, a vocabulary and a platform.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
+from typing import Annotated, Literal
+
+import tyro
+
+FromData = tyro.conf.Suppress
+"""Marks a field that training sets from the data and flags (no ``--arch.*`` flag of its own)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Decoder hyper-parameters. Defaults are the reference's (spec §5.1)."""
 
-    vocab_size: int
-    """Width of the output layer: ``Vocabulary.logits_size`` (titles + padding, ``<SEP>``, OOV)."""
+    vocab_size: Annotated[int, FromData] = 0
+    """Width of the output layer: ``Vocabulary.logits_size`` (titles + padding, ``<SEP>``, OOV); 0 until resolved."""
     num_layers: int = 6
     """Number of pre-LayerNorm decoder blocks."""
     d_model: int = 256
@@ -27,27 +38,42 @@ class ModelConfig:
     """Dropout on embeddings, attention outputs and MLPs."""
     attention_dropout: float = 0.1
     """Dropout on attention weights (0 lets training use the fused attention kernel)."""
-    max_len: int = 512
+    max_len: Annotated[int, FromData] = 512
     """Length of the sinusoidal position table."""
-    num_grade_levels: int | None = None
+    num_grade_levels: Annotated[int | None, FromData] = None
     """Highest grade for grade-level conditioning (a per-row logit bias); None turns it off."""
     tie_embeddings: bool = False
-    """Score titles with the input embedding table (makes copying a seen title easy)."""
+    """Score titles with the input embedding table (copying a seen title generalises; the reference unties)."""
     recency_bias: bool = False
     """A learned per-head attention bias on log(1 + days between query and key), so attention can prefer recent reads."""
     copy_head: bool = False
-    """Mix the output softmax with a pointer over the titles in view (``CopyHead``)."""
+    """Mix the output with a pointer over the titles in view (``CopyHead``: copying a classmate's or one's own read generalises; the reference has none)."""
     copy_bias_gain: float = 10.0
-    """The copy head's recency and gate biases are stored divided by this, so Adam moves them by
-    whole logits within a few passes (runs saved before it existed load with 1)."""
+    """The copy head's recency and gate biases learn at this scale: stored divided by it, so Adam moves them by whole logits within a few passes (runs saved before it existed load with 1)."""
     gap_embedding: bool = False
-    """Add a learned embedding of the time since the student's previous read (``gap_buckets``) to each input."""
-    own_bias: float | None = None
-    """Learned biases on the query's own student's keys, per attention head (starting at this many
-    logits) and in the copy head (starting at 0), so a head weighs the student's past against
-    classmates' with one number; None: no such parameters."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """Compute dtype; parameters stay float32."""
+    """Embed the time since the student's previous read (``gap_buckets``) into each input (the reference has none)."""
+    own_bias: float | None | Literal["auto"] = None
+    """Learned biases on the query's own student's keys, per attention head (starting at this many logits) and in the copy head (starting at 0), so a head weighs the student's past against classmates' with one number (None: off; auto: the model's ``default_own_bias``, 3 for study and off for the others; the reference has none)."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "float32"
+    """Compute dtype, parameters staying float32 (auto: bfloat16 on GPU/TPU, float32 on CPU)."""
+
+    def resolve(
+        self, *, vocab_size: int, seq_len: int, num_grade_levels: int | None, platform: str, default_own_bias: float | None
+    ) -> ModelConfig:
+        """This config for a vocabulary, a row length and a platform, with every ``"auto"`` decided."""
+        return dataclasses.replace(
+            self,
+            vocab_size=vocab_size,
+            max_len=max(seq_len, 512),
+            num_grade_levels=num_grade_levels,
+            own_bias=default_own_bias if self.own_bias == "auto" else self.own_bias,
+            dtype=("float32" if platform == "cpu" else "bfloat16") if self.dtype == "auto" else self.dtype,
+        )
+
+    @property
+    def resolved(self) -> bool:
+        """Whether a model can be built from it: a vocabulary size and no ``"auto"`` left."""
+        return self.vocab_size > 0 and "auto" not in (self.own_bias, self.dtype)
 
     def __post_init__(self):
         self.validate()
@@ -59,7 +85,7 @@ class ModelConfig:
             value = getattr(self, field)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(field, value, f"{field}={value!r} must be a whole number of at least 1")
-        if self.vocab_size < 4:
+        if self.vocab_size != 0 and self.vocab_size < 4:
             raise ConfigError(
                 "vocab_size", self.vocab_size, f"vocab_size={self.vocab_size} is too small (padding, a title, <SEP> and OOV)"
             )
@@ -83,10 +109,10 @@ class ModelConfig:
             raise ConfigError(
                 "copy_bias_gain", self.copy_bias_gain, f"copy_bias_gain={self.copy_bias_gain} must be a finite number above 0"
             )
-        if self.own_bias is not None and not math.isfinite(self.own_bias):
-            raise ConfigError("own_bias", self.own_bias, f"own_bias={self.own_bias} must be a finite number, or None")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ConfigError("dtype", self.dtype, f"dtype={self.dtype!r} must be 'float32' or 'bfloat16'")
+        if self.own_bias not in (None, "auto") and not math.isfinite(self.own_bias):
+            raise ConfigError("own_bias", self.own_bias, f"own_bias={self.own_bias} must be a finite number, None or 'auto'")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ConfigError("dtype", self.dtype, f"dtype={self.dtype!r} must be 'auto', 'float32' or 'bfloat16'")
 
 
 class ConfigError(ValueError):

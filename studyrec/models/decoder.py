@@ -11,7 +11,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 
 from studyrec.models.config import ModelConfig
 
@@ -30,7 +30,7 @@ def _xavier(key: PRNGKeyArray, fan_in: int, fan_out: int) -> Float[Array, "i o"]
     return jax.random.uniform(key, (fan_in, fan_out), minval=-limit, maxval=limit)
 
 
-def recency_gap(timestamps: Int[Array, " seq"], key_times: Int[Array, " seq"] | None = None) -> Float[Array, "seq seq"]:
+def recency_gap(timestamps: Int[ArrayLike, " seq"], key_times: Int[ArrayLike, " seq"] | None = None) -> Float[Array, "seq seq"]:
     """``log(1 + days)`` from each key's time (default: its interaction) to each query's (0 for keys not earlier)."""
     key_times = timestamps if key_times is None else key_times
     seconds = (timestamps[:, None] - key_times[None, :]).astype(jnp.float32)
@@ -40,7 +40,7 @@ def recency_gap(timestamps: Int[Array, " seq"], key_times: Int[Array, " seq"] | 
 GAP_BUCKETS = 32
 
 
-def gap_buckets(timestamps: Int[Array, " seq"], segments: Int[Array, " seq"]) -> Int[Array, " seq"]:
+def gap_buckets(timestamps: Int[ArrayLike, " seq"], segments: Int[ArrayLike, " seq"]) -> Int[Array, " seq"]:
     """Time since the same student's previous position, in half-octaves of hours (0: a student's first position).
 
     Bucket ``1 + floor(2 log2(1 + hours))``, capped at ``GAP_BUCKETS - 1`` (about 13 months).
@@ -98,7 +98,7 @@ class Attention(eqx.Module):
         self,
         dtype,
         log_gap: Float[Array, "q k"] | None = None,
-        same_student: Bool[Array, "q k"] | None = None,
+        same_student: Bool[ArrayLike, "q k"] | None = None,
     ) -> Float[Array, "heads q k"] | None:
         """What the learned biases add to the attention scores: the recency term and the own-student term."""
         bias = None
@@ -241,11 +241,11 @@ class CopyHead(eqx.Module):
         self,
         queries: Float[Array, "n d"],
         keys: Float[Array, "m d"],
-        carried: Int[Array, " m"],
+        carried: Int[ArrayLike, " m"],
         mask: Bool[Array, "n m"],
         log_gap: Float[Array, "n m"],
         logits: Float[Array, "n vocab"],
-        same_student: Bool[Array, "n m"] | None = None,
+        same_student: Bool[ArrayLike, "n m"] | None = None,
     ) -> Float[Array, "n vocab"]:
         """Log-probabilities; rows that may see no title (a student's first read) keep ``logits``' softmax."""
         q, k = queries.astype(jnp.float32), keys.astype(jnp.float32)
@@ -301,9 +301,9 @@ class Decoder(eqx.Module):
 
     def embed(
         self,
-        tokens: Int[Array, " seq"],
-        positions: Int[Array, " seq"],
-        gaps: Int[Array, " seq"] | None = None,
+        tokens: Int[ArrayLike, " seq"],
+        positions: Int[ArrayLike, " seq"],
+        gaps: Int[ArrayLike, " seq"] | None = None,
         *,
         key: PRNGKeyArray | None = None,
     ) -> Float[Array, "seq d"]:
@@ -339,7 +339,7 @@ class Decoder(eqx.Module):
         x, _ = jax.lax.scan(layer, x, (params, layer_keys))
         return x
 
-    def bias_inputs(self, timestamps: Int[Array, " seq"] | None, segments: Int[Array, " seq"] | None) -> dict:
+    def bias_inputs(self, timestamps: Int[ArrayLike, " seq"] | None, segments: Int[ArrayLike, " seq"] | None) -> dict:
         """``Attention.score_bias``'s inputs for this model: ``log_gap`` (recency bias), ``same_student`` (own bias)."""
         extra = {}
         if self.config.recency_bias and timestamps is not None:
@@ -351,8 +351,8 @@ class Decoder(eqx.Module):
     def attention_inputs(
         self,
         mask: Bool[Array, "seq seq"],
-        timestamps: Int[Array, " seq"] | None,
-        segments: Int[Array, " seq"] | None = None,
+        timestamps: Int[ArrayLike, " seq"] | None,
+        segments: Int[ArrayLike, " seq"] | None = None,
     ) -> tuple[Bool[Array, "seq seq"], dict]:
         """The mask every block applies and its keyword arguments (``bias_inputs``)."""
         # A query that sees nothing (padding) attends to itself, so no softmax row is empty.
@@ -361,13 +361,13 @@ class Decoder(eqx.Module):
 
     def hidden(
         self,
-        inputs: Int[Array, " seq"],
-        positions: Int[Array, " seq"],
+        inputs: Int[ArrayLike, " seq"],
+        positions: Int[ArrayLike, " seq"],
         mask: Bool[Array, "seq seq"],
         *,
-        timestamps: Int[Array, " seq"] | None = None,
-        segments: Int[Array, " seq"] | None = None,
-        gaps: Int[Array, " seq"] | None = None,
+        timestamps: Int[ArrayLike, " seq"] | None = None,
+        segments: Int[ArrayLike, " seq"] | None = None,
+        gaps: Int[ArrayLike, " seq"] | None = None,
         key: PRNGKeyArray | None = None,
         layers: int | None = None,
     ) -> Float[Array, "seq d"]:
@@ -377,11 +377,11 @@ class Decoder(eqx.Module):
         block_fn = lambda block, x, k: block(x, mask, key=k, **extra)  # noqa: E731
         return self.transform(self.embed(inputs, positions, gaps, key=ke), block_fn, key=kb, layers=layers)
 
-    def readout(self, h: Float[Array, "*rows d"], grade_level: Int[Array, ""]) -> Float[Array, "*rows vocab"]:
+    def readout(self, h: Float[Array, "*rows d"], grade_level: Int[ArrayLike, ""]) -> Float[Array, "*rows vocab"]:
         """Float32 logits from hidden states: final LayerNorm, output layer and the grade bias."""
         return self.project(self.final_ln(h), grade_level)
 
-    def project(self, normed: Float[Array, "*rows d"], grade_level: Int[Array, ""]) -> Float[Array, "*rows vocab"]:
+    def project(self, normed: Float[Array, "*rows d"], grade_level: Int[ArrayLike, ""]) -> Float[Array, "*rows vocab"]:
         """The output layer and the grade bias, on states after the final LayerNorm."""
         dt = jnp.dtype(self.config.dtype)
         kernel = self.embedding.T if self.out_kernel is None else self.out_kernel
@@ -431,7 +431,7 @@ class DecoderModel(eqx.Module):
         """``gap_buckets`` of the row when the decoder embeds them (``Decoder.embed``'s ``gaps``), else None."""
         return gap_buckets(sample.timestamps, sample.segments) if self.decoder.gap_embedding is not None else None
 
-    def copy_sources(self, sample) -> tuple[Int[Array, " seq"], Int[Array, " seq"], Bool[Array, "seq seq"]]:
+    def copy_sources(self, sample) -> tuple[Int[ArrayLike, " seq"], Int[ArrayLike, " seq"], Bool[Array, "seq seq"]]:
         """For the copy head: the title each position carries, when it was read, and which positions each query may copy from."""
         raise NotImplementedError(f"{type(self).__name__} has no copy head")
 

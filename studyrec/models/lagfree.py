@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 
 from studyrec.data.packing import Sample
 from studyrec.models.decoder import Attention, Block, DecoderModel
@@ -34,7 +34,7 @@ from studyrec.models.masks import own_past, strictly_earlier
 from studyrec.models.registry import register
 
 
-def content_mask(segments: Int[Array, " seq"], timestamps: Int[Array, " seq"]) -> Bool[Array, "seq seq"]:
+def content_mask(segments: Int[ArrayLike, " seq"], timestamps: Int[ArrayLike, " seq"]) -> Bool[Array, "seq seq"]:
     """Content stream: the student's own positions up to and including the query, plus classmates'
     interactions strictly earlier in time (ties stay hidden)."""
     valid = segments > 0
@@ -42,12 +42,12 @@ def content_mask(segments: Int[Array, " seq"], timestamps: Int[Array, " seq"]) -
     return valid[:, None] & valid[None, :] & (own_past(segments) | (classmate & strictly_earlier(timestamps)))
 
 
-def query_mask(segments: Int[Array, " seq"], timestamps: Int[Array, " seq"]) -> Bool[Array, "seq seq"]:
+def query_mask(segments: Int[ArrayLike, " seq"], timestamps: Int[ArrayLike, " seq"]) -> Bool[Array, "seq seq"]:
     """Query stream: the content mask without the position itself, whose title is the target."""
     return content_mask(segments, timestamps) & ~jnp.eye(segments.shape[0], dtype=bool)
 
 
-def two_stream_mask(segments: Int[Array, " seq"], timestamps: Int[Array, " seq"]) -> Bool[Array, "2*seq seq"]:
+def two_stream_mask(segments: Int[ArrayLike, " seq"], timestamps: Int[ArrayLike, " seq"]) -> Bool[Array, "2*seq seq"]:
     """Rows: the content stream's queries, then the query stream's; columns: the content stream."""
     return jnp.concatenate([content_mask(segments, timestamps), query_mask(segments, timestamps)])
 
@@ -114,7 +114,7 @@ class StudyLagFree(DecoderModel):
     def mask(self, sample: Sample) -> Bool[Array, "rows seq"]:
         return two_stream_mask(sample.segments, sample.timestamps)
 
-    def copy_sources(self, sample: Sample) -> tuple[Int[Array, " seq"], Int[Array, " seq"], Bool[Array, "seq seq"]]:
+    def copy_sources(self, sample: Sample) -> tuple[Int[ArrayLike, " seq"], Int[ArrayLike, " seq"], Bool[Array, "seq seq"]]:
         """Each position carries its own title, read at its own time; a query may copy exactly what its query stream reads."""
         return sample.titles, sample.timestamps, query_mask(sample.segments, sample.timestamps)
 

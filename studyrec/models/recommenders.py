@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 
 from studyrec.data.packing import Sample
 from studyrec.models.decoder import DecoderModel
@@ -17,7 +17,7 @@ from studyrec.models.registry import register
 STUDY_OWN_BIAS = 3.0
 
 
-def shift_within_students(values: Int[Array, " seq"], segments: Int[Array, " seq"]) -> Int[Array, " seq"]:
+def shift_within_students(values: Int[ArrayLike, " seq"], segments: Int[ArrayLike, " seq"]) -> Int[Array, " seq"]:
     """Position p gets the value at p-1 of the same student; each student starts from 0 (BOS).
 
     So the logits at p predict ``titles[p]`` without seeing it.

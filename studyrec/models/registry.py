@@ -48,4 +48,9 @@ def model_class(name: str) -> type[DecoderModel]:
 
 def build(name: str, config: ModelConfig, *, key: PRNGKeyArray) -> DecoderModel:
     """A fresh model by registered name, e.g. ``"study"``, ``"individual"`` or ``"study-lagfree"``."""
+    if not config.resolved:
+        raise ValueError(
+            f"ModelConfig(vocab_size={config.vocab_size}, own_bias={config.own_bias!r}, dtype={config.dtype!r}) is not "
+            "resolved; give a vocab_size and no 'auto' (ModelConfig.resolve does both)"
+        )
     return model_class(name)(config, key=key)

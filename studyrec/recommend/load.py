@@ -24,11 +24,10 @@ from studyrec.checkpoint import (
     all_finite,
     describe,
 )
-from studyrec.config import TrainConfig
 from studyrec.data.vocab import Vocabulary
 from studyrec.models import MODELS, ModelConfig, build
 from studyrec.recommend.run import Run
-from studyrec.rundir import check_fingerprint, from_dict, read_config, warn_unverified
+from studyrec.rundir import check_fingerprint, from_dict, read_config, train_config, warn_unverified
 
 logger = logging.getLogger("studyrec.recommend")
 
@@ -74,7 +73,7 @@ def load_run(path: str | os.PathLike, step: int | None = None) -> Run:
     if isinstance(saved, dict):  # runs saved before copy_bias_gain existed learned the copy head's biases unscaled
         saved = {"copy_bias_gain": 1.0, **saved}
     model_config = from_dict(ModelConfig, saved, f"{where}: model_config")
-    config = from_dict(TrainConfig, record.get("config", {}), f"{where}: config")
+    config = train_config(record, where)
     if "time_origin" not in record:
         raise ValueError(f"{where}: no 'time_origin' (the moment the model's timestamps count from)")
     time_origin = int(record["time_origin"])

@@ -187,7 +187,7 @@ class Run:
         tops, scores, texts = [], [], []
         for lo in tqdm(range(0, R, batch_size), total=num_batches, desc="recommend", disable=not show, leave=False):
             rows = np.arange(lo, min(lo + batch_size, R))
-            packed = compose_queries(history, layout, rows, batch_size, as_of_s, self.time_origin, self.vocab.sep)
+            packed = compose_queries(history, layout, rows, batch_size, as_of_s, self.vocab.sep)
             exclude = self._exclude_batch(read, rows, batch_size)
             log_probs = _query_log_probs(self.model, packed.sample, packed.query_col)
             top, score = top_titles(log_probs, k, self.vocab.num_titles, exclude)
@@ -227,7 +227,7 @@ class Run:
         """
         history, layout, as_of_s, _ = self._prepare(activity, student_info, school_info, as_of, students)
         rows = np.arange(len(layout.query))
-        packed = compose_queries(history, layout, rows, len(rows), as_of_s, self.time_origin, self.vocab.sep)
+        packed = compose_queries(history, layout, rows, len(rows), as_of_s, self.vocab.sep)
         return history.students[layout.query], packed.sample, packed.query_col
 
     def _prepare(self, activity, student_info, school_info, as_of, students) -> tuple[QueryHistory, QueryLayout, int, dict]:
@@ -282,9 +282,11 @@ class Run:
             everyone = np.union1d(everyone, wanted)
         start = np.searchsorted(sids, everyone, side="left")
         count = np.searchsorted(sids, everyone, side="right") - start
-        classroom, grade = assign_classrooms(everyone, info, schools, self.config.classroom_grouping)
+        classroom, grade = assign_classrooms(everyone, info, schools, self.config.data.classroom_grouping)
         check_recommend_times(frame, self.time_origin, as_of_s, as_of)
-        history = QueryHistory(titles, stamps, everyone, start.astype(np.int64), count.astype(np.int64), classroom, grade)
+        history = QueryHistory(
+            titles, stamps, everyone, start.astype(np.int64), count.astype(np.int64), classroom, grade, self.time_origin
+        )
         as_of_text = pd.Timestamp(as_of_s, unit="s", tz="UTC").isoformat()
         attrs = {"as_of": as_of_text, "ignored_rows": ignored, "unknown_title_rows": n_unknown, "unknown_titles": n_distinct}
         return history, as_of_s, attrs

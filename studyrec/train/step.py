@@ -9,7 +9,7 @@ import optax
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from studyrec.data.packing import Sample
-from studyrec.models import Individual, batched_logits
+from studyrec.models import DecoderModel, batched_logits
 
 
 def schedule(peak: float, warmup: int, decay: str = "rsqrt", steps: int | None = None) -> optax.Schedule:
@@ -38,14 +38,14 @@ def schedule(peak: float, warmup: int, decay: str = "rsqrt", steps: int | None =
 DECAYED = frozenset({"wq", "wk", "wv", "wo", "w1", "w2", "out_kernel"})
 
 
-def decay_mask(model: Individual):
+def decay_mask(model: DecoderModel):
     """Weight decay on dense kernels only: not on biases, LayerNorm, or embedding tables."""
     params = eqx.filter(model, eqx.is_inexact_array)
     return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], "name", None) in DECAYED, params)
 
 
 def make_optimizer(
-    model: Individual,
+    model: DecoderModel,
     *,
     peak_lr: float,
     warmup: int,
@@ -110,6 +110,6 @@ def make_train_step(optimizer: optax.GradientTransformation, oov: int):
 
 
 @eqx.filter_jit
-def eval_sums(model: Individual, batch: Sample, oov: int, first_only: bool = False) -> dict[str, Array]:
+def eval_sums(model: DecoderModel, batch: Sample, oov: int, first_only: bool = False) -> dict[str, Array]:
     """Metric sums of the inference-mode model on one batch."""
     return weighted_metrics(batched_logits(model, batch, None), batch, oov, first_only)
