@@ -76,7 +76,10 @@ class ModelConfig:
         return self.vocab_size > 0 and "auto" not in (self.own_bias, self.dtype)
 
     def __post_init__(self):
-        self.validate()
+        # A template without its vocabulary (the CLI's ``arch``) is checked once resolved, so that the
+        # CLI can name the flag; every config a model is built from has a vocabulary and is checked here.
+        if self.vocab_size:
+            self.validate()
 
     def validate(self) -> None:
         """Raises :class:`ConfigError` naming the first field whose value the model cannot use."""

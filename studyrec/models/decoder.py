@@ -201,15 +201,23 @@ class Block(eqx.Module):
 
     def __call__(
         self,
-        x: Float[Array, "seq d"],
-        mask: Bool[Array, "seq seq"],
+        x: Float[Array, "rows d"],
+        mask: Bool[Array, "rows seq"],
         *,
         key: PRNGKeyArray | None,
+        attend: Callable | None = None,
         **bias_inputs,
-    ) -> Float[Array, "seq d"]:
-        """``bias_inputs``: ``Attention``'s ``log_gap`` and ``same_student``, where the model has those biases."""
+    ) -> Float[Array, "rows d"]:
+        """``bias_inputs``: ``Attention``'s ``log_gap`` and ``same_student``, where the model has those biases.
+
+        ``attend(attention, h, mask, key=..., **bias_inputs)`` replaces self-attention (the two-stream
+        model's queries read only the content stream).
+        """
         ka, kd, km = (None, None, None) if key is None else jax.random.split(key, 3)
-        x = x + self.dropout(self.attention(self.ln1(x), mask, key=ka, **bias_inputs), key=kd)
+        h = self.ln1(x)
+        attend = type(self.attention).__call__ if attend is None else attend
+        attended = attend(self.attention, h, mask, key=ka, **bias_inputs)
+        x = x + self.dropout(attended, key=kd)
         return x + self.mlp(self.ln2(x), key=km)
 
 

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 
 from studyrec.data.packing import Sample
-from studyrec.models.decoder import Attention, Block, DecoderModel
+from studyrec.models.decoder import Attention, DecoderModel
 from studyrec.models.masks import own_past, strictly_earlier
 from studyrec.models.registry import register
 
@@ -69,21 +69,6 @@ def two_stream_attention(
     sees = mask.any(axis=1)
     out = attention.attend(x, x[: mask.shape[1]], mask | ~sees[:, None], key=key, **bias_inputs)
     return jnp.where(sees[:, None], out, jnp.zeros((), x.dtype))
-
-
-def two_stream_block(
-    block: Block,
-    x: Float[Array, "rows d"],
-    mask: Bool[Array, "rows seq"],
-    *,
-    key: PRNGKeyArray | None,
-    **bias_inputs,
-) -> Float[Array, "rows d"]:
-    """``Block`` over both streams, with ``two_stream_attention`` in place of self-attention."""
-    ka, kd, km = (None, None, None) if key is None else jax.random.split(key, 3)
-    attended = two_stream_attention(block.attention, block.ln1(x), mask, key=ka, **bias_inputs)
-    x = x + block.dropout(attended, key=kd)
-    return x + block.mlp(block.ln2(x), key=km)
 
 
 @register("study-lagfree")
@@ -128,5 +113,5 @@ class StudyLagFree(DecoderModel):
         mask = self.mask(sample)
         # Both streams' rows at q share q's time and student, so the biases repeat for the query stream.
         extra = {name: jnp.tile(v, (2, 1)) for name, v in decoder.bias_inputs(sample.timestamps, sample.segments).items()}
-        block_fn = lambda block, x, k: two_stream_block(block, x, mask, key=k, **extra)  # noqa: E731
+        block_fn = lambda block, x, k: block(x, mask, key=k, attend=two_stream_attention, **extra)  # noqa: E731
         return decoder.transform(x, block_fn, key=kb, layers=layers)[n:]
