@@ -120,7 +120,7 @@ def run_baseline(cfg: BaselineConfig):
     stats = model_eval.score(data, topk, tuple(cfg.data.n_recommendations))
     per_student, aggregate = model_eval.tables(stats)
     with RunDirectoryLock(out):  # creates the directory; refused while another job writes it
-        vocab.save(out / "vocab.json")
+        rundir.save_vocab(out, vocab)
         record = {
             "config": dataclasses.asdict(cfg),
             "model": f"baseline:{cfg.baseline}",

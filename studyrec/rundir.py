@@ -26,6 +26,28 @@ CONFIG = "config.json"
 VOCAB = "vocab.json"
 
 
+def vocab_file(run_dir: Path) -> Path:
+    return run_dir / VOCAB
+
+
+def save_vocab(run_dir: Path, vocab: Vocabulary) -> None:
+    """Writes ``vocab.json`` (the reference's layout), atomically."""
+    vocab.save(vocab_file(run_dir))
+
+
+def load_vocab(run_dir: Path) -> Vocabulary:
+    """The run's ``vocab.json``; a missing one is a clear error (titles cannot be read or written without it)."""
+    file = vocab_file(run_dir)
+    if not file.exists():
+        raise FileNotFoundError(f"{run_dir}: no vocab.json; the run's vocabulary is needed to read and write titles")
+    return Vocabulary.load(file)
+
+
+def checkpoint_meta(model: str, vocab: Vocabulary) -> dict:
+    """What every checkpoint records, and a resume expects, about its model and vocabulary."""
+    return {"model": model, "vocab_size": len(vocab), "vocab_fingerprint": vocab.fingerprint}
+
+
 def read_config(path: Path) -> dict:
     """The record of a run directory's ``config.json``; a missing or unreadable file is a clear error."""
     file = path / CONFIG

@@ -24,9 +24,9 @@ from studyrec.checkpoint import (
     all_finite,
     describe,
 )
-from studyrec.data.vocab import Vocabulary
 from studyrec.models import MODELS, ModelConfig, build
 from studyrec.recommend.run import Run
+from studyrec import rundir
 from studyrec.rundir import check_fingerprint, from_dict, read_config, train_config, warn_unverified
 
 logger = logging.getLogger("studyrec.recommend")
@@ -78,10 +78,8 @@ def load_run(path: str | os.PathLike, step: int | None = None) -> Run:
         raise ValueError(f"{where}: no 'time_origin' (the moment the model's timestamps count from)")
     time_origin = int(record["time_origin"])
 
-    vocab_file = path / "vocab.json"
-    if not vocab_file.exists():
-        raise FileNotFoundError(f"{path}: no vocab.json; the run's vocabulary is needed to read and write titles")
-    vocab = Vocabulary.load(vocab_file)
+    vocab_file = rundir.vocab_file(path)
+    vocab = rundir.load_vocab(path)
     if vocab.logits_size != model_config.vocab_size:
         raise ValueError(
             f"{vocab_file} has {vocab.num_titles} titles (an output layer of {vocab.logits_size}) but "

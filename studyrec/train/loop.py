@@ -18,10 +18,7 @@ from tqdm.auto import tqdm
 
 from studyrec import rundir, sharding
 from studyrec.checkpoint import Checkpoints
-from studyrec.config import (
-    TrainConfig,
-    resolve_wandb,
-)
+from studyrec.config import TrainConfig, resolve_wandb
 from studyrec.data import dataset
 from studyrec.data.interactions import Interactions, make_chunks
 from studyrec.data.packing import ClassroomPacker, Sample
@@ -133,8 +130,7 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> Path:
                       resume_step=start, enabled=job.is_main)
     model = _fit(job, data, model, optimizer, opt_state, iterator, checkpoints, tracker, start)
     if data.valid_packer is not None:
-        final_evaluation(job.cfg, model, data.frames, data.vocab, data.origin, job.mesh, job.global_batch, tracker,
-                         job.run_dir, job.is_main)
+        final_evaluation(job, data, model, tracker)
     tracker.finish()
     checkpoints.close()
     return job.run_dir
@@ -158,9 +154,9 @@ def _load_data(job: Job) -> tuple[TrainingData, Job]:
     paths = dataset.DataPaths.resolve(cfg.data.train_data, cfg.data.valid_data, cfg.data.student_info, cfg.data.school_info)
     frames = dataset.Frames.load(paths)
     vocab = dataset.build_vocab(frames, cfg.data.vocab_size)
-    vocab_path = run_dir / "vocab.json"
+    vocab_path = rundir.vocab_file(run_dir)
     if vocab_path.exists():
-        saved = Vocabulary.load(vocab_path)
+        saved = rundir.load_vocab(run_dir)
         if saved != vocab:
             raise ValueError(
                 f"{vocab_path} holds {len(saved)} tokens, but --vocab-size {cfg.data.vocab_size} on these training files "
@@ -215,14 +211,14 @@ def _open_run(job: Job, data: TrainingData, model, opt_state, model_config: Mode
         prepare_run_dir(job.run_dir)
     checkpoints = Checkpoints(job.run_dir, keep=cfg.keep_checkpoints)
     # The newest intact checkpoint (a damaged one is set aside); its model kind and sizes must match.
-    expect = {"model": cfg.model, "vocab_size": len(vocab), "vocab_fingerprint": vocab.fingerprint}
+    expect = rundir.checkpoint_meta(cfg.model, vocab)
     restored = checkpoints.restore_latest(model, opt_state, iterator, expect=expect)
     start = 0
     if restored is not None:
         start, model, opt_state, _ = restored
         logger.info("resumed from step %d", start)
     if job.is_main:
-        vocab.save(job.run_dir / "vocab.json")
+        rundir.save_vocab(job.run_dir, vocab)
         _write_config(job.run_dir, cfg, model_config, _run_facts(job, data), start or None)
     return checkpoints, start, model, opt_state
 
@@ -254,7 +250,7 @@ def _fit(job: Job, data: TrainingData, model, optimizer, opt_state, iterator, ch
     cfg, vocab = job.cfg, data.vocab
     best = BestParameters(job.run_dir, resume_step=start) if cfg.select_best and data.valid_packer is not None else None
     bar = tqdm(total=cfg.steps, initial=start, disable=not job.is_main, desc=f"train {cfg.model}", dynamic_ncols=True)
-    meta = {"model": cfg.model, "vocab_size": len(vocab), "vocab_fingerprint": vocab.fingerprint}
+    meta = rundir.checkpoint_meta(cfg.model, vocab)
     evaluation = hooks.Evaluation(
         {"train_": _probes(job, data.train_packer), "valid_": _probes(job, data.valid_packer)}, every=cfg.eval_every,
         oov=vocab.oov, first_only=cfg.classmate_chunk_size is not None, best=best,  # focus rows: score their student
@@ -298,31 +294,32 @@ def _fit(job: Job, data: TrainingData, model, optimizer, opt_state, iterator, ch
     return model
 
 
-def final_evaluation(cfg, model, frames, vocab, origin, mesh, global_batch, tracker, run_dir, is_main) -> None:
+def final_evaluation(job: Job, data: TrainingData, model, tracker: Tracker) -> None:
     """Scores every validation interaction; writes per_student.csv, aggregate.csv, recommendations.json."""
+    cfg, frames, vocab, origin, run_dir = job.cfg, data.frames, data.vocab, data.origin, job.run_dir
     if cfg.data.eval_context == "history":
         joined, scored = dataset.with_history(frames)
-        data = dataset.encode(joined, vocab, frames, cfg.data.classroom_grouping, scored=scored)
+        scoring = dataset.encode(joined, vocab, frames, cfg.data.classroom_grouping, scored=scored)
         # Chunks one shorter, each after the student's previous read (context only): the same row
         # lengths as in training, and no scored read is cut off from the one before it.
         lead = cfg.classmate_chunk_size is None and cfg.chunk_size > 1
-        packer = _packer(data, cfg, vocab, origin, align="end", chunk_size=cfg.chunk_size - lead)
-        chunk_has_scored = np.add.reduceat(data.scored, packer.chunks.start) > 0
+        packer = _packer(scoring, cfg, vocab, origin, align="end", chunk_size=cfg.chunk_size - lead)
+        chunk_has_scored = np.add.reduceat(scoring.scored, packer.chunks.start) > 0
         layout = packer.eval_layout(chunk_has_scored, lead=lead)
     else:
-        data = dataset.encode(frames.valid, vocab, frames, cfg.data.classroom_grouping)
-        packer = _packer(data, cfg, vocab, origin)
+        scoring = dataset.encode(frames.valid, vocab, frames, cfg.data.classroom_grouping)
+        packer = _packer(scoring, cfg, vocab, origin)
         layout = packer.eval_layout()
     k = max(cfg.data.n_recommendations)
     topk = model_eval.predict_topk(
-        eqx.nn.inference_mode(model), layout, k=k, num_titles=vocab.num_titles, mesh=mesh,
-        global_batch=global_batch, progress=is_main,
+        eqx.nn.inference_mode(model), layout, k=k, num_titles=vocab.num_titles, mesh=job.mesh,
+        global_batch=job.global_batch, progress=job.is_main,
     )
-    if not is_main:
+    if not job.is_main:
         return
-    per_student, aggregate = model_eval.tables(model_eval.score(data, topk, tuple(cfg.data.n_recommendations)))
+    per_student, aggregate = model_eval.tables(model_eval.score(scoring, topk, tuple(cfg.data.n_recommendations)))
     write_tables(run_dir, per_student, aggregate)
-    model_eval.write_recommendations(run_dir / "recommendations.json", data, topk, vocab)
+    model_eval.write_recommendations(run_dir / "recommendations.json", scoring, topk, vocab)
     tracker.table("aggregate", aggregate)
     summary = {
         f"final/{row.Evaluation_Type}/hits@{row.N_Recommendations}": row.Hits_at_N for row in aggregate.itertuples()
