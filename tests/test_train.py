@@ -70,6 +70,15 @@ def read_metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def test_evaluations_keep_their_own_cadence(tmp_path):
+    """--eval-every need not be a multiple of --log-every: every evaluation happens, with the train metrics."""
+    run = train(tiny(tmp_path, steps=6, log_every=4, eval_every=3, save_every=6))
+    metrics = read_metrics(run)
+    assert [m["step"] for m in metrics if "eval/valid_accuracy" in m] == [3, 6]
+    assert [m["step"] for m in metrics] == [3, 4, 6]
+    assert all("train/loss" in m for m in metrics)
+
+
 def test_end_to_end_on_a_data_by_fsdp_mesh_lowers_the_loss(tmp_path):
     assert jax.device_count() == 8
     run = train(tiny(tmp_path, steps=40, fsdp=2, log_every=5, eval_every=20, save_every=20, learning_rate=1e-2))

@@ -46,11 +46,15 @@ Hook = Callable[[StepReport], None]
 
 
 class TrainMetrics:
-    """Loss and accuracy of the steps since the last report, the learning rate and the pace; stops a
-    diverged run before a non-finite state is saved (so it also runs at every ``save_every``)."""
+    """Loss and accuracy of the steps since the last report, the learning rate and the pace, every
+    ``log_every`` steps; also at every evaluation (which reports with them) and every save (a diverged
+    run stops before a non-finite state is saved)."""
 
-    def __init__(self, *, log_every: int, save_every: int, learning_rate, tokens_per_step: int, checkpoints: Checkpoints, start: int):
-        self.log_every, self.save_every = log_every, save_every
+    def __init__(
+        self, *, log_every: int, eval_every: int, save_every: int, learning_rate, tokens_per_step: int,
+        checkpoints: Checkpoints, start: int,
+    ):
+        self.cadences = (log_every, eval_every, save_every)
         self.learning_rate, self.tokens_per_step, self.checkpoints = learning_rate, tokens_per_step, checkpoints
         self.tick, self.wait, self.last_logged = time.perf_counter(), 0.0, start
 
@@ -59,7 +63,7 @@ class TrainMetrics:
         self.wait += seconds
 
     def __call__(self, report: StepReport) -> None:
-        if not (report.at(self.log_every) or report.done % self.save_every == 0):
+        if not any(report.at(every) for every in self.cadences):
             return
         metrics = summarise(report.sums, "train/")
         if not math.isfinite(metrics["train/loss"]):
@@ -84,8 +88,8 @@ class TrainMetrics:
 
 
 class Evaluation:
-    """Loss and accuracy of the inference-mode model on fixed train and validation batches, and the
-    best parameters by validation accuracy (``best``). Runs where the metrics are reported."""
+    """Loss and accuracy of the inference-mode model on fixed train and validation batches every
+    ``every`` steps, and the best parameters by validation accuracy (``best``)."""
 
     def __init__(self, probes: dict[str, list[Sample]], *, every: int, oov: int, first_only: bool, best: BestParameters | None):
         self.probes, self.every, self.oov, self.first_only, self.best = probes, every, oov, first_only, best
@@ -100,7 +104,7 @@ class Evaluation:
         return results
 
     def __call__(self, report: StepReport) -> None:
-        if not (report.metrics and report.at(self.every)):
+        if not report.at(self.every):
             return
         report.metrics.update({f"eval/{k}": v for k, v in self.scores(report.model).items()})
         if self.best is not None and "eval/valid_accuracy" in report.metrics:

@@ -256,7 +256,7 @@ def _fit(job: Job, data: TrainingData, model, optimizer, opt_state, iterator, ch
         oov=vocab.oov, first_only=cfg.classmate_chunk_size is not None, best=best,  # focus rows: score their student
     )
     measure = hooks.TrainMetrics(
-        log_every=cfg.log_every, save_every=cfg.save_every, checkpoints=checkpoints, start=start,
+        log_every=cfg.log_every, eval_every=cfg.eval_every, save_every=cfg.save_every, checkpoints=checkpoints, start=start,
         learning_rate=schedule(job.peak_lr, cfg.warmup_steps, cfg.lr_decay, cfg.steps),
         tokens_per_step=job.global_batch * cfg.seq_len,
     )
