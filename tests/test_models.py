@@ -271,3 +271,13 @@ def test_own_bias_can_shut_classmates_out():
     assert sees_classmate(m)
     shut = eqx.tree_at(lambda t: (t.decoder.blocks.attention.own, t.decoder.copy.own), m, (jnp.full((2, 2), 6.0), jnp.float32(6.0)))
     assert not sees_classmate(shut)
+
+
+@pytest.mark.parametrize("name", ["individual", "study", "study-lagfree"])
+def test_no_parameter_is_weakly_typed(name):
+    """A weak-typed parameter comes back strongly typed from the first update, and the train step compiles twice."""
+    config = ModelConfig(**TINY, own_bias=3.0, recency_bias=True, copy_head=True, gap_embedding=True, num_grade_levels=5)
+    model = build(name, config, key=jax.random.key(0))
+    weak = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_leaves_with_path(model)
+            if isinstance(leaf, jax.Array) and leaf.weak_type]
+    assert not weak, weak

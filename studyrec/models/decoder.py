@@ -91,7 +91,7 @@ class Attention(eqx.Module):
         self.wo = _xavier(ko, qkv, d)
         self.weight_dropout = eqx.nn.Dropout(config.attention_dropout)
         self.recency = jnp.zeros(config.num_heads) if config.recency_bias else None
-        self.own = None if config.own_bias is None else jnp.full(config.num_heads, config.own_bias / OWN_BIAS_GAIN)
+        self.own = None if config.own_bias is None else jnp.full(config.num_heads, config.own_bias / OWN_BIAS_GAIN, jnp.float32)
         self.num_heads = config.num_heads
 
     def score_bias(
