@@ -6,23 +6,15 @@ school_info.csv (the reference schema), then prints the counts and the heuristic
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
 import tyro
-from tyro.constructors import ConstructorRegistry, StructConstructorSpec, StructTypeInfo
 
 from experiments.cli import parse_flags, run_cli, setup_logging
 from studyrec.data.generate import GenerateConfig, generate, heuristic_hits, write
-
-LIBRARY_ONLY = (
-    "class_size", "classes_per_school", "schools_per_district", "assign_every", "recent_assignments",
-    "recent_decay", "zipf_exponent",
-)
-"""``GenerateConfig`` fields that get no flag (they keep their defaults): the world's fine structure."""
 
 
 @dataclass(frozen=True)
@@ -30,40 +22,17 @@ class Config:
     out: Path
     """Output directory (created if missing)."""
     generate: Annotated[GenerateConfig, tyro.conf.arg(name="")] = GenerateConfig()
-    """The generator's settings, one flag each without a prefix (``--n-students``); see ``LIBRARY_ONLY``."""
+    """The generator's settings, one flag each without a prefix (``--n-students``); fields marked ``LibraryOnly`` get none."""
     check: bool = True
     """Also print the hits@1 of the classmates and own-last heuristics on the validation split."""
     debug: bool = False
     """Show tracebacks instead of one-line errors."""
 
 
-_flags = ConstructorRegistry()
-_expanding: list[StructTypeInfo] = []
-
-
-@_flags.struct_rule
-def _without_library_only(info: StructTypeInfo) -> StructConstructorSpec | None:
-    """tyro's own spec of ``GenerateConfig`` with the ``LIBRARY_ONLY`` fields suppressed."""
-    if info.type is not GenerateConfig or _expanding:
-        return None
-    _expanding.append(info)  # so that the lookup below reaches tyro's dataclass rule, not this one
-    try:
-        spec = ConstructorRegistry.get_struct_spec(info)
-    finally:
-        _expanding.pop()
-    if not isinstance(spec, StructConstructorSpec):
-        return None
-    fields = tuple(
-        dataclasses.replace(f, type=tyro.conf.Suppress[f.type]) if f.name in LIBRARY_ONLY else f for f in spec.fields
-    )
-    return dataclasses.replace(spec, fields=fields)
-
-
 def main(argv: list[str] | None = None) -> None:
     setup_logging()
     prog = "python -m experiments.generate_data"
-    with _flags:
-        cfg = parse_flags(Config, default=None, args=sys.argv[1:] if argv is None else list(argv), prog=prog)
+    cfg = parse_flags(Config, default=None, args=sys.argv[1:] if argv is None else list(argv), prog=prog)
     run_cli(lambda: run(cfg), cfg.debug)
 
 

@@ -135,7 +135,8 @@ def test_bad_settings_are_rejected():
 
 
 def test_generate_data_cli_has_one_flag_per_public_generator_setting(capsys):
-    from experiments.generate_data import LIBRARY_ONLY, main
+    from experiments.generate_data import main
+    from studyrec.data.generate import LIBRARY_ONLY
 
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])

@@ -16,9 +16,11 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, get_type_hints
 
 import numpy as np
 import pandas as pd
+import tyro
 
 from studyrec.data.atomic import write_atomic
 
@@ -30,6 +32,11 @@ FILE_NAMES = {
 }
 GRADES = 12
 GRADES_PER_BAND = 3
+
+
+LibraryOnly = tyro.conf.Suppress
+"""Marks a ``GenerateConfig`` field that gets no command-line flag: the world's fine structure, which
+keeps its default in ``experiments.generate_data``."""
 
 
 @dataclass(frozen=True)
@@ -54,19 +61,19 @@ class GenerateConfig:
     """Probability that a student reads on a Saturday or Sunday."""
     reread_prob: float = 0.2
     """Probability that a reading outside the class list re-reads the student's last title."""
-    class_size: tuple[int, int] = (15, 30)
+    class_size: Annotated[tuple[int, int], LibraryOnly] = (15, 30)
     """Inclusive range of class sizes."""
-    classes_per_school: int = 6
+    classes_per_school: Annotated[int, LibraryOnly] = 6
     """Classes (distinct grades) per school."""
-    schools_per_district: int = 4
+    schools_per_district: Annotated[int, LibraryOnly] = 4
     """Schools per district."""
-    assign_every: tuple[int, int] = (2, 4)
+    assign_every: Annotated[tuple[int, int], LibraryOnly] = (2, 4)
     """Inclusive range of school days between two assignments of a class."""
-    recent_assignments: int = 2
+    recent_assignments: Annotated[int, LibraryOnly] = 2
     """How many of the latest assignments a class reading picks from."""
-    recent_decay: float = 0.3
+    recent_decay: Annotated[float, LibraryOnly] = 0.3
     """Relative weight of each older assignment (the newest has weight 1)."""
-    zipf_exponent: float = 1.1
+    zipf_exponent: Annotated[float, LibraryOnly] = 1.1
     """Popularity skew of titles within a grade band."""
     start: str = "2023-01-09"
     """First day of the term (YYYY-MM-DD)."""
@@ -103,6 +110,12 @@ class GenerateConfig:
             size = name("class_size")
             raise ValueError(f"need 1 <= {size}[0] <= {size}[1] and 1 <= {name('classes_per_school')} <= 12")
 
+
+LIBRARY_ONLY = tuple(
+    name for name, hint in get_type_hints(GenerateConfig, include_extras=True).items()
+    if LibraryOnly in getattr(hint, "__metadata__", ())
+)
+"""The ``GenerateConfig`` fields marked ``LibraryOnly``."""
 
 SAMPLE = GenerateConfig(n_students=300, seed=2023, n_titles=400)
 """The settings of the bundled ``sample_data`` (regenerate with :func:`write_sample_data`)."""
