@@ -125,8 +125,9 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> Path:
     data, job = _load_data(job)
     model, optimizer, opt_state, model_config = _init_state(job, data)
     iterator = prefetching(_batches(job, data.train_packer), buffer=job.cfg.prefetch)
-    checkpoints, start, model, opt_state = _open_run(job, data, model, opt_state, model_config, iterator, held)
-    tracker = Tracker(job.run_dir, {**dataclasses.asdict(job.cfg), **_run_facts(job, data)}, job.cfg.wandb,
+    facts = _run_facts(job, data)
+    checkpoints, start, model, opt_state = _open_run(job, data, model, opt_state, model_config, facts, iterator, held)
+    tracker = Tracker(job.run_dir, {**dataclasses.asdict(job.cfg), **facts}, job.cfg.wandb,
                       resume_step=start, enabled=job.is_main)
     model = _fit(job, data, model, optimizer, opt_state, iterator, checkpoints, tracker, start)
     if data.valid_packer is not None:
@@ -202,9 +203,12 @@ def _batches(job: Job, packer: ClassroomPacker):
     )
 
 
-def _open_run(job: Job, data: TrainingData, model, opt_state, model_config: ModelConfig, iterator, held: contextlib.ExitStack):
+def _open_run(
+    job: Job, data: TrainingData, model, opt_state, model_config: ModelConfig, facts: dict, iterator,
+    held: contextlib.ExitStack,
+):
     """Takes the run directory (every input is valid by now), restores its newest intact checkpoint and
-    records the config: ``(checkpoints, start step, model, opt_state)``."""
+    records the config and ``facts``: ``(checkpoints, start step, model, opt_state)``."""
     cfg, vocab = job.cfg, data.vocab
     if job.is_main:  # from here on this job owns the run dir (other processes share it)
         held.enter_context(RunDirectoryLock(job.run_dir))
@@ -219,7 +223,7 @@ def _open_run(job: Job, data: TrainingData, model, opt_state, model_config: Mode
         logger.info("resumed from step %d", start)
     if job.is_main:
         rundir.save_vocab(job.run_dir, vocab)
-        _write_config(job.run_dir, cfg, model_config, _run_facts(job, data), start or None)
+        _write_config(job.run_dir, cfg, model_config, facts, start or None)
     return checkpoints, start, model, opt_state
 
 
@@ -261,7 +265,7 @@ def _fit(job: Job, data: TrainingData, model, optimizer, opt_state, iterator, ch
         tokens_per_step=job.global_batch * cfg.seq_len,
     )
     saving = hooks.Saving(checkpoints, every=cfg.save_every, meta=meta, iterator=iterator)
-    every_step = [measure, evaluation, hooks.Logging(tracker, bar), saving]
+    every_step: list[hooks.Hook] = [measure, evaluation, hooks.Logging(tracker, bar), saving]
 
     step_fn = make_train_step(optimizer, vocab.oov)
     dropout_key = jax.random.key(cfg.seed + 2)
