@@ -30,9 +30,9 @@ from studyrec.models import MODELS
 # (b, a) pairs whose difference b - a the targets are about; a missing run is skipped.
 COMPARISONS = (
     ("individual", "own_last"),
-    ("study", "classmates_recent_lagged"),
+    ("study", "classmates_recent"),
     ("study", "individual"),
-    ("study-lagfree", "individual"),
+    ("study-reference", "classmates_recent_lagged"),
 )
 
 
@@ -52,7 +52,7 @@ class QualityConfig:
     """Heuristics scored through the same metric code."""
     epochs: float = 6.0
     """Passes over each dataset's training interactions per model (about 1,200 cpu-small steps on 15k students); the best checkpoint by validation accuracy is kept."""
-    chunk_sizes: tuple[tuple[str, int], ...] = (("individual", 16), ("study", 8), ("study-lagfree", 4))
+    chunk_sizes: tuple[tuple[str, int], ...] = (("individual", 16), ("study-reference", 8), ("study", 4))
     """Chunk length per model on the generated classrooms: smaller chunks put more classmates in a 65-token row."""
     movielens_chunk_sizes: tuple[tuple[str, int], ...] = tuple((name, 16) for name in MODELS)
     """Chunk length per model on MovieLens, whose zip-code "classrooms" carry little signal: each model keeps Individual's own history."""

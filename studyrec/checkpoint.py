@@ -234,7 +234,7 @@ class Checkpoints:
             return None  # Grain's own restore reports the missing file
         return states[0]
 
-    def restore_latest(self, model, opt_state=None, data_iterator=None, expect: dict | None = None):
+    def restore_latest(self, model, opt_state=None, data_iterator=None, expect: dict | None = None, upgrade=None):
         """Restores the newest intact checkpoint: ``(step, model, opt_state, meta)``, or None if there is none.
 
         A step without ``checksums.json`` was never committed: it is moved to
@@ -244,8 +244,8 @@ class Checkpoints:
 
         Raises:
             CheckpointMismatch: an intact checkpoint disagrees with ``expect`` (``meta`` keys such
-                as the model kind and vocabulary size) or with the parameter shapes of ``model``.
-                Nothing is moved: the checkpoint is fine, the flags are not.
+                as the model kind and vocabulary size, after ``upgrade(meta)`` when given) or with the
+                parameter shapes of ``model``. Nothing is moved: the checkpoint is fine, the flags are not.
         """
         self._seal()  # this object's own finished saves are committed first
         self._remove_unfinished()
@@ -257,6 +257,7 @@ class Checkpoints:
             try:
                 self.verify(step)
                 meta = self.read_meta(step)
+                meta = meta if upgrade is None else upgrade(meta)
                 damage = None
             except Exception as e:  # noqa: BLE001 - any failure to read back means damage
                 damage = e

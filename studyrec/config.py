@@ -15,7 +15,7 @@ from studyrec.models import ModelConfig, model_class
 
 DEFAULT_ARCH = ModelConfig(
     num_layers=2, d_model=64, qkv_dim=64, num_heads=4, mlp_dim=256,
-    tie_embeddings=True, copy_head=True, gap_embedding=True, own_bias="auto", dtype="auto",
+    tie_embeddings=True, copy_head=True, gap_embedding=True, own_bias="auto", dtype="auto", memory_size=32,
 )
 """The training CLI's model: small, with the additions that help on classroom data (see Results)."""
 
@@ -116,7 +116,7 @@ class TrainConfig:
     """Train STUDY or Individual on classroom-packed reading histories."""
 
     model: str = "study"
-    """Which recommender to train: individual, study, study-lagfree, or a model registered with studyrec.models.register."""
+    """Which recommender to train: individual, study (the paper's, with the classroom memory), study-reference (the reference's lagged mask), or a model registered with studyrec.models.register."""
     preset: Annotated[str, tyro.conf.Suppress] = "default"
     """The preset this config started from (a subcommand of experiments.train), recorded in config.json."""
     data: Flat = DataConfig()
@@ -192,6 +192,7 @@ class TrainConfig:
         return self.arch.resolve(
             vocab_size=vocab_size, seq_len=self.seq_len, num_grade_levels=self.grade_levels, platform=platform,
             default_own_bias=model_class(self.model).default_own_bias,
+            reads_memory=model_class(self.model).reads_memory,
         )
 
 

@@ -1,7 +1,7 @@
 """A run directory's records: ``config.json`` and the checks that tie it to ``vocab.json``.
 
 Training, the baselines and :func:`studyrec.load_run` write and read these files through this one
-module. ``config.json`` holds ``{"config": flags, "model": name, "model_config": sizes,
+module. ``config.json`` holds ``{"config": flags, "model": name, "model_names": 2, "model_config": sizes,
 "time_origin": seconds, "vocab_size": tokens, "vocab_fingerprint": sha256, ..., "resumes": [...]}``
 (a baseline's ``model`` is ``"baseline:<name>"`` and it has no ``model_config``).
 """
@@ -43,9 +43,29 @@ def load_vocab(run_dir: Path) -> Vocabulary:
     return Vocabulary.load(file)
 
 
+MODEL_NAMES = 2
+"""The version of the model names that ``config.json`` and checkpoints record (``model_names``).
+
+Version 1 (no ``model_names`` key) called the reference's lagged STUDY ``study`` and the paper's
+``study-lagfree``; version 2 calls them ``study-reference`` and ``study``."""
+_RENAMED = {1: {"study": "study-reference", "study-lagfree": "study"}}
+
+
+def model_name(name, version=None):
+    """The current name of a model recorded as ``name`` under names ``version`` (None: version 1)."""
+    return _RENAMED.get(version or 1, {}).get(name, name)
+
+
+def upgrade_meta(meta: dict) -> dict:
+    """Checkpoint metadata with its model named as today."""
+    if "model" not in meta:
+        return meta
+    return {**meta, "model": model_name(meta["model"], meta.get("model_names")), "model_names": MODEL_NAMES}
+
+
 def checkpoint_meta(model: str, vocab: Vocabulary) -> dict:
     """What every checkpoint records, and a resume expects, about its model and vocabulary."""
-    return {"model": model, "vocab_size": len(vocab), "vocab_fingerprint": vocab.fingerprint}
+    return {"model": model, "model_names": MODEL_NAMES, "vocab_size": len(vocab), "vocab_fingerprint": vocab.fingerprint}
 
 
 def read_config(path: Path) -> dict:
@@ -109,6 +129,8 @@ def train_config(record: dict, where: str) -> TrainConfig:
         flags = {k: v for k, v in flags.items() if k not in data_fields} | {
             "data": {k: v for k, v in flags.items() if k in data_fields}
         }
+    if isinstance(flags, dict) and "model" in flags:
+        flags = {**flags, "model": model_name(flags["model"], record.get("model_names"))}
     return from_dict(TrainConfig, flags, f"{where}: config")
 
 

@@ -48,7 +48,7 @@ def test_quality_benchmark_compares_the_runs_it_finds(tmp_path):
         (tmp_path / name).mkdir()
         rows = [table({s: hit for s in students}, n=n) for n in (1, 5, 20)]
         pd.concat(rows).to_csv(tmp_path / name / "per_student.csv", index=False)
-    (tmp_path / "study-lagfree").mkdir()  # no per_student.csv yet: skipped
+    (tmp_path / "study-reference").mkdir()  # no per_student.csv yet: skipped
     found = {r["difference (all)"]: r for r in compare(tmp_path, "tiny")}
     assert set(found) == {"individual - own_last", "study - individual"}
     assert found["individual - own_last"]["h@5"] == "+0.1000 [+0.1000, +0.1000]"

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from studyrec.data.generate import sample_data_paths
-from studyrec.models import MODELS, Study, register
+from studyrec.models import MODELS, StudyReference, register
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,14 +20,14 @@ ROOT = Path(__file__).resolve().parents[1]
 MY_MODELS = '''
 import jax.numpy as jnp
 
-from studyrec.models import Study, register
+from studyrec.models import StudyReference, register
 from studyrec.models.masks import own_past
 
 DAYS = 30
 
 
 @register("study-recent")
-class StudyRecent(Study):
+class StudyRecent(StudyReference):
     """STUDY whose queries see classmates' reads of the last 30 days only (and all of their own)."""
 
     def mask(self, sample):
@@ -71,7 +71,7 @@ def test_a_registered_model_trains_through_the_api_and_the_cli_and_loads(my_mode
     api_run = train(parse(["--model", "study-recent", "--output-dir", str(tmp_path / "api"), *TINY]))
     loaded = load_run(api_run)
     assert type(loaded.model) is my_models.StudyRecent and loaded.step == 5
-    assert loaded.reads_classmates and loaded.explainable  # declared by Study, inherited
+    assert loaded.reads_classmates and loaded.explainable  # declared by StudyReference, inherited
     paths = sample_data_paths()
     recs = loaded.recommend(paths["valid"], paths["student_info"], k=3)
     assert len(recs) and np.isfinite(recs["score"]).all()
@@ -87,7 +87,7 @@ def test_a_registered_model_trains_through_the_api_and_the_cli_and_loads(my_mode
 
 def test_registering_is_checked():
     with pytest.raises(ValueError, match="taken by"):
-        register("study")(type("Other", (Study,), {}))
+        register("study-reference")(type("Other", (StudyReference,), {}))
     with pytest.raises(TypeError):  # "not a studyrec.models.DecoderModel" (beartype says it first in tests)
         register("plain")(object)
     assert "plain" not in MODELS

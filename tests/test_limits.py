@@ -59,10 +59,12 @@ SMALL = dict(vocab_size=1003, num_layers=2, d_model=32, qkv_dim=32, num_heads=4,
 # (model, config, seq_len, batch): vocabulary-, attention- and two-stream-dominated steps.
 CONFIGS = [
     pytest.param("individual", dict(SMALL, vocab_size=50, num_layers=1), 16, 2, id="tiny-individual"),
-    pytest.param("study", dict(SMALL, copy_head=True, tie_embeddings=True, gap_embedding=True, own_bias=3.0), 65, 8,
+    pytest.param("study-reference", dict(SMALL, copy_head=True, tie_embeddings=True, gap_embedding=True, own_bias=3.0), 65, 8,
                  id="study-copy-head"),
-    pytest.param("study-lagfree", dict(SMALL, vocab_size=103, recency_bias=True, own_bias=1.0), 128, 2,
+    pytest.param("study", dict(SMALL, vocab_size=103, recency_bias=True, own_bias=1.0), 128, 2,
                  id="lagfree-long-rows"),
+    pytest.param("study", dict(SMALL, copy_head=True, tie_embeddings=True, memory_size=32), 65, 8,
+                 id="study-memory"),
 ]
 
 
@@ -73,7 +75,8 @@ def xla_train_step_bytes(model_name: str, config: ModelConfig, seq_len: int, bat
                                lr_decay="cosine", steps=10)
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
     rows = jnp.ones((batch, seq_len), jnp.int32)
-    sample = Sample(rows, rows, rows, rows, jnp.zeros(batch, jnp.int32))
+    memory = jnp.zeros((batch, seq_len, config.memory_size), jnp.int32) if config.memory_size else None
+    sample = Sample(rows, rows, rows, rows, jnp.zeros(batch, jnp.int32), memory, memory, memory)
     lowered = make_train_step(optimizer, oov=3).lower(model, opt_state, sample, jax.random.key(1))
     analysis = lowered.compile().compiled.memory_analysis()
     return analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes
@@ -89,21 +92,23 @@ def test_estimate_covers_xla_figure_for_the_train_step(model_name, fields, seq_l
 
 
 @pytest.mark.parametrize("fields", [SMALL, dict(SMALL, copy_head=True, own_bias=1.0, recency_bias=True,
-                                                 gap_embedding=True, num_grade_levels=12, tie_embeddings=True)])
+                                                 gap_embedding=True, num_grade_levels=12, tie_embeddings=True),
+                                    dict(SMALL, copy_head=True, memory_size=16)])
 def test_parameter_count_matches_the_built_model(fields):
     config = ModelConfig(**fields)
-    leaves = jax.tree.leaves(eqx.filter(build("study", config, key=jax.random.key(0)), eqx.is_inexact_array))
+    name = "study" if config.memory_size else "study-reference"
+    leaves = jax.tree.leaves(eqx.filter(build(name, config, key=jax.random.key(0)), eqx.is_inexact_array))
     assert memory.parameter_count(config) == sum(leaf.size for leaf in leaves)
 
 
 def fit_check(batch: int, have: memory.Available):
-    return memory.check_batch_fits(ModelConfig(**SMALL), have, model="study", seq_len=65, per_device_batch=batch,
+    return memory.check_batch_fits(ModelConfig(**SMALL), have, model="study-reference", seq_len=65, per_device_batch=batch,
                                    eval_rows=64, n_devices=2, local_devices=2, prefetch=4)
 
 
 def exactly_enough_for(batch: int) -> memory.Available:
     need = memory.estimate(ModelConfig(**SMALL), seq_len=65, per_device_batch=batch,
-                           eval_rows_per_device=-(-64 // (batch * 2)) * batch, prefetch=4, model="study", local_devices=2)
+                           eval_rows_per_device=-(-64 // (batch * 2)) * batch, prefetch=4, model="study-reference", local_devices=2)
     return memory.Available(None, need.device * 2 + need.host, "test")
 
 
@@ -129,7 +134,7 @@ def test_a_device_limit_is_checked_per_device():
 def test_eval_rows_that_cannot_fit_ask_for_fewer_eval_rows():
     have = exactly_enough_for(4)
     with pytest.raises(ValueError, match="even --per-device-batch-size 1 does not fit with --eval-rows 10000000: lower --eval-rows"):
-        memory.check_batch_fits(ModelConfig(**SMALL), have, model="study", seq_len=65, per_device_batch=4,
+        memory.check_batch_fits(ModelConfig(**SMALL), have, model="study-reference", seq_len=65, per_device_batch=4,
                                 eval_rows=10_000_000, n_devices=2, local_devices=2, prefetch=4)
 
 

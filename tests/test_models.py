@@ -35,7 +35,7 @@ def row(titles, segments, timestamps=None, positions=None, grade=0):
 FIXTURE = row([1, 2, 3, 4, 5, SEP, 7, 8, 9, 10], [1, 1, 1, 1, 1, 0, 2, 2, 2, 2], [0, 1, 2, 3, 4, 2, 3, 4, 5, 6])
 
 
-@pytest.mark.parametrize("name", ["individual", "study"])
+@pytest.mark.parametrize("name", ["individual", "study-reference"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("grades", [None, 5])
 def test_shapes(name, dtype, grades):
@@ -105,7 +105,7 @@ def assert_dependency_map(m, sample):
 
 
 def test_study_dependency_map_on_reference_fixture():
-    m = model("study")
+    m = model("study-reference")
     deps = lagged_dependencies(FIXTURE)
     # Same-day classmates stay hidden: student 2's first read (t=3) never sees student 1's t=3 read.
     assert not deps[3, 6] and not deps[2, 6]
@@ -125,7 +125,7 @@ def test_study_dependency_map_on_reference_fixture():
 )
 def test_study_dependency_map_on_random_rows(options):
     rng = np.random.default_rng(0)
-    m = model("study", **options)
+    m = model("study-reference", **options)
     for _ in range(3):
         lengths = rng.integers(1, 5, size=3)
         titles, segs, times = [], [], []
@@ -150,7 +150,7 @@ def test_masks_never_see_padding_or_separators():
 
 
 def test_dropout_needs_key_and_inference_mode_is_deterministic():
-    trainable = build("study", ModelConfig(**TINY), key=jax.random.key(0))
+    trainable = build("study-reference", ModelConfig(**TINY), key=jax.random.key(0))
     call = eqx.filter_jit(lambda m, k: m(FIXTURE, key=k))
     a, b = call(trainable, jax.random.key(1)), call(trainable, jax.random.key(2))
     assert not jnp.allclose(a, b)
@@ -159,7 +159,7 @@ def test_dropout_needs_key_and_inference_mode_is_deterministic():
 
 
 def test_gradients_reach_every_parameter():
-    m = build("study", ModelConfig(**TINY, num_grade_levels=3, recency_bias=True), key=jax.random.key(0))
+    m = build("study-reference", ModelConfig(**TINY, num_grade_levels=3, recency_bias=True), key=jax.random.key(0))
     m = eqx.tree_at(lambda m: m.decoder.blocks.attention.recency, m, jnp.full((2, 2), 0.5))
     s = FIXTURE._replace(grade_level=jnp.int32(2))
 
@@ -176,7 +176,7 @@ def test_gradients_reach_every_parameter():
 
 
 def test_tied_embeddings_share_the_table():
-    m = build("study", ModelConfig(**TINY, tie_embeddings=True), key=jax.random.key(0))
+    m = build("study-reference", ModelConfig(**TINY, tie_embeddings=True), key=jax.random.key(0))
     assert m.decoder.out_kernel is None
     m = eqx.filter_jit(eqx.nn.inference_mode(m))
     assert m(FIXTURE).shape == (10, 100)
@@ -187,7 +187,7 @@ def test_build_rejects_unknown_names():
         build("knn", ModelConfig(**TINY), key=jax.random.key(0))
 
 
-@pytest.mark.parametrize("name", ["individual", "study", "study-lagfree"])
+@pytest.mark.parametrize("name", ["individual", "study-reference", "study"])
 def test_readout_of_one_hidden_state_is_that_positions_logits(name):
     """The recommendation path reads out only the query slot; it must agree with the full pass."""
     m = eqx.nn.inference_mode(build(name, ModelConfig(**TINY, num_grade_levels=5, recency_bias=True), key=jax.random.key(1)))
@@ -201,7 +201,7 @@ def test_readout_of_one_hidden_state_is_that_positions_logits(name):
     assert not np.allclose(first, hidden)
 
 
-@pytest.mark.parametrize("name", ["individual", "study", "study-lagfree"])
+@pytest.mark.parametrize("name", ["individual", "study-reference", "study"])
 def test_copy_head_gives_log_probabilities_and_copies_what_is_in_view(name):
     m = build(name, ModelConfig(**TINY, copy_head=True), key=jax.random.key(2))
     # A gate that always copies, with equal attention: the output is the titles in view, by count.
@@ -229,7 +229,7 @@ def test_gap_buckets_count_half_octaves_of_hours_within_each_student():
     assert int(gap_buckets(jnp.asarray([0, 10**9]), jnp.asarray([1, 1]))[1]) == GAP_BUCKETS - 1
 
 
-@pytest.mark.parametrize("name", ["individual", "study", "study-lagfree"])
+@pytest.mark.parametrize("name", ["individual", "study-reference", "study"])
 def test_gap_embedding_tells_how_long_ago_the_previous_read_was(name):
     m = build(name, ModelConfig(**TINY, gap_embedding=True), key=jax.random.key(3))
     m = eqx.nn.inference_mode(eqx.tree_at(lambda t: t.decoder.gap_embedding, m, jax.random.normal(jax.random.key(4), (GAP_BUCKETS, 32))))
@@ -241,7 +241,7 @@ def test_gap_embedding_tells_how_long_ago_the_previous_read_was(name):
 
 
 @pytest.mark.parametrize("gain", [1.0, 10.0])
-@pytest.mark.parametrize("name", ["individual", "study", "study-lagfree"])
+@pytest.mark.parametrize("name", ["individual", "study-reference", "study"])
 def test_copy_recency_measures_the_age_of_each_carried_read(name, gain):
     m = build(name, ModelConfig(**TINY, copy_head=True, copy_bias_gain=gain), key=jax.random.key(2))
     m = eqx.tree_at(
@@ -256,7 +256,7 @@ def test_copy_recency_measures_the_age_of_each_carried_read(name, gain):
     np.testing.assert_allclose(probs[2, [5, 7]], expected / expected.sum(), rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["study", "study-lagfree"])
+@pytest.mark.parametrize("name", ["study-reference", "study"])
 def test_own_bias_starts_neutral(name):
     config = ModelConfig(**TINY, copy_head=True, gap_embedding=True)
     plain = eqx.nn.inference_mode(build(name, config, key=jax.random.key(5)))
@@ -265,7 +265,7 @@ def test_own_bias_starts_neutral(name):
 
 
 def test_own_bias_can_shut_classmates_out():
-    m = eqx.nn.inference_mode(build("study", ModelConfig(**TINY, copy_head=True, gap_embedding=True, own_bias=0.0), key=jax.random.key(5)))
+    m = eqx.nn.inference_mode(build("study-reference", ModelConfig(**TINY, copy_head=True, gap_embedding=True, own_bias=0.0), key=jax.random.key(5)))
     later_reads = np.asarray([7, 8, 9])  # student 2 after its first read: it has a past of its own
     sees_classmate = lambda m: np.asarray(influence(m, FIXTURE))[:5][:, later_reads].any()  # noqa: E731
     assert sees_classmate(m)
@@ -273,7 +273,7 @@ def test_own_bias_can_shut_classmates_out():
     assert not sees_classmate(shut)
 
 
-@pytest.mark.parametrize("name", ["individual", "study", "study-lagfree"])
+@pytest.mark.parametrize("name", ["individual", "study-reference", "study"])
 def test_no_parameter_is_weakly_typed(name):
     """A weak-typed parameter comes back strongly typed from the first update, and the train step compiles twice."""
     config = ModelConfig(**TINY, own_bias=3.0, recency_bias=True, copy_head=True, gap_embedding=True, num_grade_levels=5)

@@ -17,8 +17,8 @@ from studyrec.data.generate import sample_data_paths
 from studyrec.data.io import load_activity, load_student_info
 from studyrec.data.packing import pack_histories
 from studyrec.data.query_rows import QueryHistory, compose_queries, layout_queries
-from studyrec.models import Individual, Study
-from studyrec.models.masks import study_mask
+from studyrec.data.memory import ClassroomMemory
+from studyrec.models import Individual, Study, StudyReference, memory_options
 from studyrec.recommend import as_seconds, last_block, last_block_input, last_layer_attention, load_run
 
 AS_OF = "2023-05-08"
@@ -70,6 +70,12 @@ def test_a_lone_student_is_scored_as_a_hand_packed_row(run, sample):
     titles = mine["SHLF_NUM"].tolist()[-keep:] + ["placeholder"]
     times = mine["timestamp"].tolist()[-keep:] + [as_seconds(AS_OF)]
     row = pack_histories([(student, titles, times)], run.vocab, run.config.seq_len, time_origin=run.time_origin)
+    # Alone, the student is their own classroom: the memory holds their own recent reads.
+    memory = ClassroomMemory(
+        np.zeros(len(mine), np.int64), mine["timestamp"].to_numpy() - run.time_origin, run.vocab.encode_many(mine["SHLF_NUM"]),
+        **memory_options(run.model_name, run.model_config),
+    )
+    row = memory.attach(row, np.where(row.segments > 0, 0, -1))
     logp = jax.nn.log_softmax(eqx.filter_jit(run.model)(row)[len(titles) - 1])
     allowed = np.asarray(logp)[1 : run.vocab.num_titles + 1]
     best = np.argsort(-allowed, kind="stable")[:4]
@@ -89,17 +95,26 @@ def test_classmates_are_visible_to_the_query(run):
     assert ids.tolist() == [1, 2, 3]
     for r in range(3):
         sample = jax.tree.map(lambda x: x[r], rows)
-        seen = np.asarray(study_mask(jnp.asarray(sample.segments), jnp.asarray(sample.timestamps)))[query[r]]
-        # Key k carries the title at k-1 of the same student: what the query reads from it.
-        carried = np.where(sample.segments[:-1] == sample.segments[1:], sample.titles[:-1], 0)
-        visible = set(carried[seen[1:]].tolist()) - {0}
+        # The titles the keys carry (the model's own account), where the query's mask sees them.
+        carried, _, seen = run.model.copy_sources(jax.tree.map(jnp.asarray, sample))
+        visible = set(np.asarray(carried)[np.asarray(seen)[query[r]]].tolist()) - {0}
         everyone = set(run.vocab.encode_many(activity["SHLF_NUM"]).tolist())
         assert visible == everyone  # own reads and all classmates' reads, including each latest one
         assert sample.titles[query[r]] == 0 and sample.timestamps[query[r]] == as_seconds("2023-03-10") - run.time_origin
 
 
-def test_focus_runs_give_classmates_their_latest_reads_only(run):
-    """With classmate_chunk_size, a classmate brings its latest reads and carrier in that many slots."""
+def reference_run(run):
+    """``run`` with an (untrained) reference STUDY in place of its model: keys carry the previous title."""
+    config = dataclasses.replace(run.model_config, memory_size=0)
+    model = eqx.nn.inference_mode(StudyReference(config, key=jax.random.key(3)))
+    return dataclasses.replace(run, model=model, model_name="study-reference", model_config=config)
+
+
+@pytest.mark.parametrize("reference", [False, True], ids=["study", "study-reference"])
+def test_focus_runs_give_classmates_their_latest_reads_only(run, reference):
+    """With classmate_chunk_size, a classmate brings its latest reads (and, where keys carry the
+    previous title, a carrier) in that many slots."""
+    run = reference_run(run) if reference else run
     focus = dataclasses.replace(run, config=dataclasses.replace(run.config, classmate_chunk_size=3))
     titles = [run.vocab.decode(i) for i in range(1, 13)]
     activity = pd.concat(
@@ -108,15 +123,16 @@ def test_focus_runs_give_classmates_their_latest_reads_only(run):
     )
     info = pd.DataFrame({"StudentID": [1, 2, 3], "OrgnID": [7, 7, 7], "GRADE_LVL_NBR": pd.array([3, 3, 3], "Int64")})
     _, rows, query = focus.query_rows(activity, info, as_of="2023-03-10")
+    reads = 2 if reference else 3
     for r in range(3):
         segments, row_titles = rows.segments[r], rows.titles[r]
         assert (segments == 1).sum() == min(4, run.config.chunk_size - 1) + 1  # own reads and the query slot
         for slot in (2, 3):
             mine = row_titles[segments == slot]
-            assert len(mine) == 3 and mine[-1] == 0  # two latest reads, then the carrier
+            assert len(mine) == 3 and (mine[-1] == 0) == reference  # the latest reads, then any carrier
         mates = [s for s in (1, 2, 3) if s != r + 1]
-        latest = {1: titles[2:4], 2: titles[6:8], 3: titles[10:12]}
-        got = {run.vocab.decode(int(t)) for slot in (2, 3) for t in row_titles[segments == slot][:2]}
+        latest = {1: titles[4 - reads:4], 2: titles[8 - reads:8], 3: titles[12 - reads:12]}
+        got = {run.vocab.decode(int(t)) for slot in (2, 3) for t in row_titles[segments == slot][:reads]}
         assert got == set(latest[mates[0]]) | set(latest[mates[1]])
 
 
@@ -243,16 +259,19 @@ def _attention_check(model, rows, query):
     """Per row: (rebuilt logits, model logits, weights, query's mask row, weights @ V @ Wo, real attention)."""
 
     def one(sample, q):
-        x, mask, extra = last_block_input(model, sample)
+        x, mask, extra, attend = last_block_input(model, sample)
         block = last_block(model)
+        n = sample.titles.shape[0]
+        row = x.shape[0] - n + q  # the predicting stream's row
         # Finishing the forward pass with the real last block must reproduce the model's logits.
-        rebuilt = model.logits_at(sample, block(x, mask, key=None, **extra))
+        rebuilt = model.logits_at(sample, block(x, mask, key=None, attend=attend, **extra)[-n:])
         weights = last_layer_attention(model, sample, q)
         normed = block.ln1(x)
-        v = (normed @ block.attention.wv).reshape(normed.shape[0], block.attention.num_heads, -1)
+        v = (normed[:n] @ block.attention.wv).reshape(n, block.attention.num_heads, -1)
         mixed = jnp.einsum("hk,khd->hd", weights, v).reshape(-1) @ block.attention.wo
-        real = block.attention(normed, mask, key=None, **extra)[q]
-        return rebuilt, model(sample), weights, mask[q], mixed, real
+        attend = attend or type(block.attention).__call__
+        real = attend(block.attention, normed, mask, key=None, **extra)[row]
+        return rebuilt, model(sample), weights, mask[row], mixed, real
 
     return jax.vmap(one)(rows, query)
 

@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 
 import studyrec
+from studyrec import rundir
 from studyrec.data.vocab import Vocabulary
-from studyrec.models import ModelConfig, Study, build
+from studyrec.models import MODELS, ModelConfig, Study, build, register
 from studyrec.recommend import Run, load_run
 from studyrec.checkpoint import Checkpoints
 from studyrec.config import DEFAULT_ARCH, TrainConfig, WandbConfig
@@ -173,9 +174,13 @@ def test_checkpoint_that_does_not_fit_the_config(copy):
 
 
 def test_model_kind_must_match_the_checkpoint(copy):
-    _edit_config(copy, lambda record: record.update(model="individual"))
-    with pytest.raises(ValueError, match="saved by a 'study' run"):
-        load_run(copy)
+    register("study-twin")(type("StudyTwin", (Study,), {}))  # the same parameters under another name
+    try:
+        _edit_config(copy, lambda record: record.update(model="study-twin"))
+        with pytest.raises(ValueError, match="saved by a 'study' run"):
+            load_run(copy)
+    finally:
+        MODELS.pop("study-twin")
 
 
 def test_damaged_latest_checkpoint_falls_back_without_moving_files(copy, caplog):
@@ -188,3 +193,27 @@ def test_damaged_latest_checkpoint_falls_back_without_moving_files(copy, caplog)
     assert "damaged" in caplog.text and step_dir.exists()
     with pytest.raises(ValueError, match=r"no intact checkpoint among steps \[4\]"):
         load_run(copy, step=4)
+
+
+def test_runs_saved_under_the_first_model_names_load_as_what_they_were(tmp_path):
+    """Before ``model_names`` 2, ``study`` was the reference's lagged STUDY and ``study-lagfree`` the paper's."""
+    from studyrec.train.loop import train
+
+    cfg = TrainConfig(
+        model="study-reference",
+        arch=dataclasses.replace(DEFAULT_ARCH, num_layers=1, d_model=16, qkv_dim=16, num_heads=2, mlp_dim=32),
+        steps=2, eval_every=2, save_every=2, log_every=2, eval_rows=32, per_device_batch_size=2,
+        wandb=WandbConfig(mode="disabled"), output_dir=str(tmp_path / "old"),
+    )
+    run_dir = Path(train(cfg))
+
+    def first_names(record):
+        del record["model_names"]
+        record["model"] = record["config"]["model"] = "study"
+
+    _edit_config(run_dir, first_names)
+    run = load_run(run_dir)
+    assert run.model_name == run.config.model == "study-reference" and type(run.model).__name__ == "StudyReference"
+    assert rundir.model_name("study-lagfree") == "study" and rundir.model_name("study", 2) == "study"
+    assert rundir.upgrade_meta({"model": "study"})["model"] == "study-reference"
+    assert rundir.upgrade_meta({"model": "study", "model_names": 2})["model"] == "study"

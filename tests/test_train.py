@@ -11,9 +11,10 @@ from experiments.train import parse
 from studyrec.data import dataset
 from studyrec.data.generate import sample_data_paths
 from studyrec.data.interactions import make_chunks
+from studyrec.data.memory import ClassroomMemory
 from studyrec.data.packing import ClassroomPacker
 from studyrec.data.vocab import UNDEF
-from studyrec.models import build
+from studyrec.models import build, memory_options
 from studyrec.checkpoint import Checkpoints
 from studyrec.models import STUDY_OWN_BIAS
 from studyrec.config import DEFAULT_ARCH, PRESETS, DataConfig, TrainConfig, WandbConfig
@@ -59,10 +60,10 @@ def test_presets_match_their_definitions():
 
 def test_own_bias_defaults_to_study_only():
     config = lambda arch, model: TrainConfig(arch=arch, model=model).model_config(50, "cpu")  # noqa: E731
-    assert [config(DEFAULT_ARCH, m).own_bias for m in ("study", "individual", "study-lagfree")] == [STUDY_OWN_BIAS, None, None]
-    chosen = parse(["--model", "study-lagfree", "--arch.own-bias", "1.5"])
+    assert [config(DEFAULT_ARCH, m).own_bias for m in ("study-reference", "individual", "study")] == [STUDY_OWN_BIAS, None, None]
+    chosen = parse(["--model", "study", "--arch.own-bias", "1.5"])
     assert config(chosen.arch, chosen.model).own_bias == 1.5
-    off = parse(["--model", "study", "--arch.own-bias", "None"])
+    off = parse(["--model", "study-reference", "--arch.own-bias", "None"])
     assert config(off.arch, off.model).own_bias is None
 
 
@@ -133,12 +134,14 @@ def test_one_device_and_eight_devices_agree(tmp_path):
     frames = dataset.Frames.load(dataset.DataPaths.resolve((), (), None, None))
     vocab = dataset.build_vocab(frames, cfg.data.vocab_size)
     data = dataset.encode(frames.train, vocab, frames, cfg.data.classroom_grouping)
-    packer = ClassroomPacker(data, make_chunks(data, cfg.chunk_size), cfg.seq_len, vocab.sep, dataset.time_origin(frames.train))
     model_config = cfg.model_config(vocab.logits_size, "cpu")
+    origin = dataset.time_origin(frames.train)
+    memory = ClassroomMemory.of(data, origin, **memory_options(cfg.model, model_config))  # the default study reads one
+    packer = ClassroomPacker(data, make_chunks(data, cfg.chunk_size), cfg.seq_len, vocab.sep, origin, memory=memory)
     losses = {}
     for n in (1, 8):
         mesh = make_mesh(1, jax.devices()[:n])
-        model = build("study", model_config, key=jax.random.key(0))
+        model = build(cfg.model, model_config, key=jax.random.key(0))
         opt = make_optimizer(model, peak_lr=1e-2, warmup=1, weight_decay=0.1, grad_clip=1.0, decay_all=False)
         model = shard_params(model, mesh)
         state = shard_params(opt.init(eqx.filter(model, eqx.is_inexact_array)), mesh)

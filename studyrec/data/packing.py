@@ -30,13 +30,16 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from datetime import datetime, timezone
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 from jaxtyping import Array, Int
 
 from studyrec.data.interactions import Chunks, Interactions
 from studyrec.data.vocab import Vocabulary
+
+if TYPE_CHECKING:
+    from studyrec.data.memory import ClassroomMemory
 
 MAX_REJECTS = 3
 _INT32 = np.iinfo(np.int32)
@@ -55,6 +58,13 @@ class Sample(NamedTuple):
     """Position within the student's chunk, from 0."""
     grade_level: Int[Array, "*batch"]
     """Grade of the row's first student (0 = unknown)."""
+    memory_titles: Int[Array, "*batch seq memory"] | None = None
+    """Each token's classroom memory (``studyrec.data.memory``): the titles its classroom read most in
+    the days strictly before it (0: empty slot); None: no memory (a model that reads one sees it empty)."""
+    memory_reads: Int[Array, "*batch seq memory"] | None = None
+    """How many times the classroom read each memory title in that window."""
+    memory_times: Int[Array, "*batch seq memory"] | None = None
+    """When the classroom last read each memory title (seconds from the time origin, strictly before the token's time)."""
 
 
 def _uniform(seed: int, rows: np.ndarray, stream: int, width: int) -> np.ndarray:
@@ -154,6 +164,13 @@ def compose(
     return Sample(out_titles, segments, timestamps, positions, grade), source
 
 
+def token_owners(num_rows: int, where: Placements, segments: np.ndarray) -> np.ndarray:
+    """The student of every token of rows composed from ``where`` (-1 on separators and padding)."""
+    owner = np.full((num_rows, int(where.slot.max(initial=0)) + 1), -1, np.int64)
+    owner[where.row, where.slot] = where.student
+    return np.where(segments > 0, owner[np.arange(num_rows)[:, None], segments], -1)
+
+
 class ClassroomPacker:
     """Packs the chunks of ``data`` into classroom rows of ``seq_len`` tokens.
 
@@ -171,6 +188,7 @@ class ClassroomPacker:
         time_origin: int,
         aligned: bool = True,
         context_size: int | None = None,
+        memory: ClassroomMemory | None = None,
     ):
         if chunks.size > seq_len:
             raise ValueError(
@@ -189,7 +207,7 @@ class ClassroomPacker:
                 f"timestamps span more than ±68 years around the time origin {time_origin} (seconds since 1970): "
                 "int32 cannot hold them; check the data with studyrec.data.dataset.check_representable"
             )
-        self.data, self.chunks, self.seq_len, self.sep = data, chunks, seq_len, sep
+        self.data, self.chunks, self.seq_len, self.sep, self.memory = data, chunks, seq_len, sep, memory
         self.time_origin = int(time_origin)
         self._relative = relative.astype(np.int32)
         order = np.argsort(data.classroom, kind="stable")
@@ -213,8 +231,13 @@ class ClassroomPacker:
             self._interaction_key = owner * self._key_base + since_first
 
     def compose(self, num_rows: int, where: Placements) -> tuple[Sample, np.ndarray]:
-        """Builds ``num_rows`` rows from placements; also returns each token's source interaction (-1: none)."""
-        return compose(num_rows, where, self.data.titles, self._relative, self.data.grade, self.sep, self.seq_len)
+        """Builds ``num_rows`` rows from placements (with the classroom memory when the packer has one);
+        also returns each token's source interaction (-1: none)."""
+        sample, source = compose(num_rows, where, self.data.titles, self._relative, self.data.grade, self.sep, self.seq_len)
+        if self.memory is not None:
+            owner = token_owners(num_rows, where, sample.segments)
+            sample = self.memory.attach(sample, np.where(owner >= 0, self.data.classroom[np.maximum(owner, 0)], -1))
+        return sample, source
 
     def random_placements(self, seed: int, rows: np.ndarray) -> Placements:
         """Training rows with replacement; row ``rows[b]`` depends only on ``(seed, rows[b])``."""

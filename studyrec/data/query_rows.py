@@ -5,7 +5,7 @@ at ``as_of`` whose logits score the next title (the slot's own title is a placeh
 model never reads, since position p never sees the title at p). For a model that reads classmates,
 the rest of the row holds the classroom's most recently active classmates. Where keys carry the
 previous title of their student (``DecoderModel.keys_carry_previous_title``, the one-step lag of
-``Study``), each classmate's segment ends with a *carrier* slot at their last timestamp: it carries
+``StudyReference``), each classmate's segment ends with a *carrier* slot at their last timestamp: it carries
 their latest title, and is strictly earlier than ``as_of``, so every classmate interaction in the row
 reaches the query.
 
@@ -23,7 +23,8 @@ import functools
 import numpy as np
 import pandas as pd
 
-from studyrec.data.packing import Placements, Sample, compose
+from studyrec.data.memory import ClassroomMemory
+from studyrec.data.packing import Placements, Sample, compose, token_owners
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +67,14 @@ class QueryHistory:
             }
         )
         return frame.groupby(["student", "title"])["time"].agg(count="size", last="max")
+
+    def memory(self, **options) -> ClassroomMemory:
+        """The classroom memory over this history (``ClassroomMemory``'s ``size``, ``days`` and ``max_reads``)."""
+        student = np.repeat(np.arange(len(self.students)), self.count)
+        read = np.repeat(self.start, self.count) + np.arange(len(student)) - np.repeat(np.cumsum(self.count) - self.count, self.count)
+        classroom = np.empty(len(self.titles), np.int64)
+        classroom[read] = self.classroom[student]
+        return ClassroomMemory(classroom, self.relative_times, self.titles, **options)
 
     def reads_of(self, students: np.ndarray, titles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """How often ``students[b]`` read ``titles[b, j]``, and when last (0 if never): two [B, k] arrays."""
@@ -138,7 +147,7 @@ def layout_queries(
 class QueryRows:
     sample: Sample
     query_col: np.ndarray  # int32 [B]
-    carried_title: np.ndarray  # int32 [B, L]: the title each key carries (Study: the previous one)
+    carried_title: np.ndarray  # int32 [B, L]: the title each key carries (with carriers: the previous one)
     carried_time: np.ndarray  # int64 [B, L]: when that title was read (absolute seconds)
 
 
@@ -177,17 +186,28 @@ def query_placements(
 
 
 def compose_queries(
-    history: QueryHistory, layout: QueryLayout, rows: np.ndarray, batch: int, as_of: int, sep: int
+    history: QueryHistory,
+    layout: QueryLayout,
+    rows: np.ndarray,
+    batch: int,
+    as_of: int,
+    sep: int,
+    memory: ClassroomMemory | None = None,
 ) -> QueryRows:
-    """Packs ``rows`` of the layout into ``batch`` rows (the rest empty)."""
+    """Packs ``rows`` of the layout into ``batch`` rows (the rest empty), with each token's classroom
+    ``memory`` when given (``QueryHistory.memory``)."""
     where, trailing = query_placements(history, layout, rows, as_of)
     sample, source = compose(
         batch, where, history.titles, history.relative_times, history.grade, sep, layout.seq_len, trailing
     )
-    # Each key carries the title before it in its student's run (nothing at a run's start); every
-    # interaction is scored, so ``source`` names them all.
+    if memory is not None:
+        owner = token_owners(batch, where, sample.segments)
+        sample = memory.attach(sample, np.where(owner >= 0, history.classroom[np.maximum(owner, 0)], -1))
+    # Every interaction is scored, so ``source`` names them all. With carriers each key carries the
+    # title before it in its student's run (nothing at a run's start); else its own.
     prev = np.full_like(source, -1)
     prev[:, 1:] = np.where(sample.positions[:, 1:] > 0, source[:, :-1], -1)
+    prev = prev if layout.carriers else source
     all_titles, all_times = history.padded  # index -1 reads 0
     query_col = np.zeros(batch, np.int32)
     query_col[: len(rows)] = layout.own[rows]

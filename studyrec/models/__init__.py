@@ -3,9 +3,9 @@
 from studyrec.models.config import ModelConfig
 from studyrec.models.decoder import Decoder, DecoderModel
 from studyrec.models.masks import individual_mask, own_past, strictly_earlier, study_mask
-from studyrec.models.recommenders import STUDY_OWN_BIAS, Individual, Study, batched_logits, shift_within_students
-from studyrec.models.lagfree import StudyLagFree  # isort: skip (registered after the reference's two)
-from studyrec.models.registry import MODELS, build, model_class, register
+from studyrec.models.recommenders import STUDY_OWN_BIAS, Individual, StudyReference, batched_logits, shift_within_students
+from studyrec.models.study import Study  # isort: skip (registered after the reference's two)
+from studyrec.models.registry import MODELS, build, memory_options, model_class, register
 
 __all__ = [
     "MODELS",
@@ -15,10 +15,11 @@ __all__ = [
     "ModelConfig",
     "STUDY_OWN_BIAS",
     "Study",
-    "StudyLagFree",
+    "StudyReference",
     "batched_logits",
     "build",
     "individual_mask",
+    "memory_options",
     "model_class",
     "own_past",
     "register",

@@ -54,19 +54,34 @@ class ModelConfig:
     """Embed the time since the student's previous read (``gap_buckets``) into each input (the reference has none)."""
     own_bias: float | None | Literal["auto"] = None
     """Learned biases on the query's own student's keys, per attention head (starting at this many logits) and in the copy head (starting at 0), so a head weighs the student's past against classmates' with one number (None: off; auto: the model's ``default_own_bias``, 3 for study and off for the others; the reference has none)."""
+    memory_size: int = 0
+    """Titles in each position's classroom memory (``MemoryHead``: the titles its classroom read most in the days strictly before it, beyond what a row holds); 0: none. Only models that read classmates use it."""
+    memory_days: float = 2.0
+    """The classroom memory's window, in days before each position."""
+    memory_reads: int = 512
+    """At most this many of the classroom's latest reads in the window count (bounds the packing work)."""
     dtype: Literal["auto", "float32", "bfloat16"] = "float32"
     """Compute dtype, parameters staying float32 (auto: bfloat16 on GPU/TPU, float32 on CPU)."""
 
     def resolve(
-        self, *, vocab_size: int, seq_len: int, num_grade_levels: int | None, platform: str, default_own_bias: float | None
+        self,
+        *,
+        vocab_size: int,
+        seq_len: int,
+        num_grade_levels: int | None,
+        platform: str,
+        default_own_bias: float | None,
+        reads_memory: bool = False,
     ) -> ModelConfig:
-        """This config for a vocabulary, a row length and a platform, with every ``"auto"`` decided."""
+        """This config for a vocabulary, a row length and a platform, with every ``"auto"`` decided
+        (and no classroom memory for a model that does not read one)."""
         return dataclasses.replace(
             self,
             vocab_size=vocab_size,
             max_len=max(seq_len, 512),
             num_grade_levels=num_grade_levels,
             own_bias=default_own_bias if self.own_bias == "auto" else self.own_bias,
+            memory_size=self.memory_size if reads_memory else 0,
             dtype=("float32" if platform == "cpu" else "bfloat16") if self.dtype == "auto" else self.dtype,
         )
 
@@ -112,6 +127,12 @@ class ModelConfig:
             raise ConfigError(
                 "copy_bias_gain", self.copy_bias_gain, f"copy_bias_gain={self.copy_bias_gain} must be a finite number above 0"
             )
+        if not isinstance(self.memory_size, int) or self.memory_size < 0:
+            raise ConfigError("memory_size", self.memory_size, f"memory_size={self.memory_size!r} must be a whole number, 0 for no memory")
+        if not (math.isfinite(self.memory_days) and self.memory_days > 0):
+            raise ConfigError("memory_days", self.memory_days, f"memory_days={self.memory_days} must be a finite number of days above 0")
+        if not isinstance(self.memory_reads, int) or self.memory_reads < 1:
+            raise ConfigError("memory_reads", self.memory_reads, f"memory_reads={self.memory_reads!r} must be a whole number of at least 1")
         if self.own_bias not in (None, "auto") and not math.isfinite(self.own_bias):
             raise ConfigError("own_bias", self.own_bias, f"own_bias={self.own_bias} must be a finite number, None or 'auto'")
         if self.dtype not in ("auto", "float32", "bfloat16"):

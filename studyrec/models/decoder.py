@@ -271,6 +271,53 @@ class CopyHead(eqx.Module):
         return jnp.where(visible.any(-1)[:, None], mixed, log_vocab)
 
 
+class MemoryHead(eqx.Module):
+    """A pointer over the classroom memory (``studyrec.data.memory``): the titles a position's classroom
+    read most in the days strictly before it, however many classmates that is.
+
+    A slot's score is ``q W e_title / sqrt(d) + a log(reads) - r log(1 + days since its latest read)``,
+    so at the start (``a = 1``, ``r = 0``) the pointer spreads over the titles in proportion to their
+    reads, as the classmates heuristic ranks them, and learns from there whom to follow. The output
+    is ``g * memory + (1 - g) * p``, ``p`` the distribution it is given and ``g`` a gate on the query.
+    """
+
+    wq: Float[Array, "d d"]
+    reads: Float[Array, ""]
+    recency: Float[Array, ""]
+    gate: Float[Array, " d"]
+    gate_bias: Float[Array, ""]
+    gain: float = eqx.field(static=True)
+
+    def __init__(self, d_model: int, *, gain: float, key: PRNGKeyArray):
+        self.gain = gain
+        self.wq = _xavier(key, d_model, d_model)
+        self.reads = jnp.full((), 1.0 / gain, jnp.float32)
+        self.recency, self.gate, self.gate_bias = jnp.zeros(()), jnp.zeros(d_model), jnp.zeros(())
+
+    def __call__(
+        self,
+        queries: Float[Array, "n d"],
+        embeddings: Float[Array, "vocab d"],
+        titles: Int[ArrayLike, "n k"],
+        reads: Int[ArrayLike, "n k"],
+        log_gap: Float[Array, "n k"],
+        visible: Bool[ArrayLike, "n k"],
+        log_probs: Float[Array, "n vocab"],
+    ) -> Float[Array, "n vocab"]:
+        """Log-probabilities; rows with an empty memory keep ``log_probs``."""
+        q = queries.astype(jnp.float32)
+        affinity = jnp.einsum("nd,nkd->nk", q @ self.wq, embeddings[titles].astype(jnp.float32)) / math.sqrt(q.shape[-1])
+        count = jnp.log(jnp.maximum(reads, 1).astype(jnp.float32))
+        scores = affinity + self.gain * (self.reads * count - self.recency * log_gap)
+        weights = jax.nn.softmax(jnp.where(visible, scores, jnp.finfo(jnp.float32).min), axis=-1) * visible.astype(jnp.float32)
+        pointer = jnp.zeros(log_probs.shape, jnp.float32).at[jnp.arange(q.shape[0])[:, None], titles].add(weights)
+        hit = pointer > 0
+        log_pointer = jnp.where(hit, jnp.log(jnp.where(hit, pointer, 1.0)), -jnp.inf)
+        z = (q @ self.gate + self.gain * self.gate_bias)[:, None]
+        mixed = jnp.logaddexp(jax.nn.log_sigmoid(z) + log_pointer, jax.nn.log_sigmoid(-z) + log_probs)
+        return jnp.where(visible.any(-1)[:, None], mixed, log_probs)
+
+
 class Decoder(eqx.Module):
     """Embeddings, a scanned stack of blocks, final LayerNorm and the output layer."""
 
@@ -282,6 +329,7 @@ class Decoder(eqx.Module):
     grade_bias: Float[Array, "grades vocab"] | None
     gap_embedding: Float[Array, "buckets d"] | None
     copy: CopyHead | None
+    memory: MemoryHead | None
     embed_dropout: eqx.nn.Dropout
     config: ModelConfig = eqx.field(static=True)
 
@@ -304,6 +352,7 @@ class Decoder(eqx.Module):
             if config.copy_head
             else None
         )
+        self.memory = MemoryHead(d, gain=config.copy_bias_gain, key=jax.random.fold_in(key, 2)) if config.memory_size else None
         self.embed_dropout = eqx.nn.Dropout(config.dropout)
         self.config = config
 
@@ -421,6 +470,9 @@ class DecoderModel(eqx.Module):
     estimate scales activations by it."""
     default_own_bias: ClassVar[float | None] = None
     """``ModelConfig.own_bias`` when the training flag is ``auto``."""
+    reads_memory: ClassVar[bool] = False
+    """Whether the model reads the classroom memory (``ModelConfig.memory_size`` titles per position):
+    its rows are then packed with one. Only a model that reads classmates may."""
 
     decoder: Decoder
 
@@ -435,6 +487,17 @@ class DecoderModel(eqx.Module):
         """States before the readout: position p's state predicts ``sample.titles[p]``."""
         raise NotImplementedError
 
+    def last_block_input(
+        self, sample
+    ) -> tuple[Float[Array, "rows d"], Bool[Array, "rows seq"], dict, Callable | None]:
+        """What the last block receives: ``(x, mask, bias inputs, attend)`` (``Block``'s arguments).
+
+        The last ``seq`` rows of ``x`` are the states that predict (one stream: all of them)."""
+        decoder = self.decoder
+        x = self.hidden(sample, layers=decoder.config.num_layers - 1)
+        mask, extra = decoder.attention_inputs(self.mask(sample), sample.timestamps, sample.segments)
+        return x, mask, extra, None
+
     def input_gaps(self, sample) -> Int[Array, " seq"] | None:
         """``gap_buckets`` of the row when the decoder embeds them (``Decoder.embed``'s ``gaps``), else None."""
         return gap_buckets(sample.timestamps, sample.segments) if self.decoder.gap_embedding is not None else None
@@ -447,18 +510,29 @@ class DecoderModel(eqx.Module):
         self, sample, hidden: Float[Array, "seq d"], rows: Int[Array, " n"] | None = None
     ) -> Float[Array, "n vocab"]:
         """Scores of the titles at ``rows`` (default: every position) from ``hidden(sample)``: logits, or
-        log-probabilities with a copy head (either way, softmax gives the probabilities)."""
-        head = self.decoder.copy
-        if head is None:
-            return self.decoder.readout(hidden if rows is None else hidden[rows], sample.grade_level)
-        keys = self.decoder.final_ln(hidden)  # normalised once: the copy head's keys, and its queries at rows
-        carried, read_at, mask = self.copy_sources(sample)
-        gap = recency_gap(sample.timestamps, read_at)  # the age of each carried read at each query
-        same = sample.segments[:, None] == sample.segments[None, :]
-        queries = keys
-        if rows is not None:
-            queries, mask, gap, same = keys[rows], mask[rows], gap[rows], same[rows]
-        return head(queries, keys, carried, mask, gap, self.decoder.project(queries, sample.grade_level), same)
+        log-probabilities with a copy or memory head (either way, softmax gives the probabilities)."""
+        decoder = self.decoder
+        if decoder.copy is None and decoder.memory is None:
+            return decoder.readout(hidden if rows is None else hidden[rows], sample.grade_level)
+        keys = decoder.final_ln(hidden)  # normalised once: the copy head's keys, and the queries at rows
+        pick = (lambda a: a) if rows is None else (lambda a: a[rows])  # noqa: E731
+        queries = pick(keys)
+        scores = decoder.project(queries, sample.grade_level)
+        if decoder.copy is not None:
+            carried, read_at, mask = self.copy_sources(sample)
+            gap = recency_gap(sample.timestamps, read_at)  # the age of each carried read at each query
+            same = sample.segments[:, None] == sample.segments[None, :]
+            scores = decoder.copy(queries, keys, carried, pick(mask), pick(gap), scores, pick(same))
+        else:
+            scores = jax.nn.log_softmax(scores, axis=-1)
+        if decoder.memory is not None and sample.memory_titles is not None:  # no memory given: an empty one
+            titles, times = pick(sample.memory_titles), pick(sample.memory_times)
+            now = pick(sample.timestamps)[:, None]
+            # Packing puts only strictly earlier reads in a token's memory; the mask says so again.
+            visible = (titles > 0) & (times < now)
+            gap = jnp.log1p(jnp.maximum(now - times, 0).astype(jnp.float32) / 86400.0)
+            scores = decoder.memory(queries, decoder.embedding, titles, pick(sample.memory_reads), gap, visible, scores)
+        return scores
 
     def __call__(self, sample, *, key: PRNGKeyArray | None = None) -> Float[Array, "seq vocab"]:
         """Scores at every position of one packed row (a ``studyrec.data.packing.Sample``)."""

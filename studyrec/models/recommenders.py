@@ -1,4 +1,7 @@
-"""Individual and STUDY: the same decoder under two attention masks (spec §5.2, §5.3)."""
+"""Individual and the reference's STUDY: the same decoder under two attention masks (spec §5.2, §5.3).
+
+The paper's STUDY, which sees every strictly earlier classmate read, is ``studyrec.models.study.Study``.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +14,9 @@ from studyrec.models.decoder import DecoderModel
 from studyrec.models.masks import individual_mask, study_mask
 from studyrec.models.registry import register
 
-# Where the reference mask's one-step lag hides classmates' latest reads, this start lets STUDY keep
-# the student's own history first (about level with Individual where classmates carry no signal);
-# lag-free STUDY, which sees every earlier classmate read, loses at hits@1 with it (README, Results).
+# Where the reference mask's one-step lag hides classmates' latest reads, this start lets its STUDY
+# keep the student's own history first (about level with Individual where classmates carry no
+# signal); the lag-free Study, which sees every earlier classmate read, loses at hits@1 with it.
 STUDY_OWN_BIAS = 3.0
 
 
@@ -56,14 +59,16 @@ class Individual(DecoderModel):
         )
 
 
-@register("study")
-class Study(Individual):
-    """STUDY: also attends to classmates' interactions strictly earlier in time.
+@register("study-reference")
+class StudyReference(Individual):
+    """STUDY as the reference implements it: also attends to classmates' interactions strictly earlier in time.
 
     The mask is built on the unshifted timestamps while key k carries the title at k-1, as in the
     reference. This is leak-free, with a one-step lag: a classmate's title at j becomes visible only
     through their next interaction j+1 in the row (when that one is strictly earlier than the
-    query), so each classmate's latest title in the row is never seen.
+    query), so each classmate's latest title in the row is never seen. Kept for side-by-side
+    reproduction of the reference; ``Study`` (``--model study``) has no lag. Runs saved as ``study``
+    before that name moved load as this model.
     """
 
     reads_classmates = True

@@ -47,10 +47,22 @@ def model_class(name: str) -> type[DecoderModel]:
 
 
 def build(name: str, config: ModelConfig, *, key: PRNGKeyArray) -> DecoderModel:
-    """A fresh model by registered name, e.g. ``"study"``, ``"individual"`` or ``"study-lagfree"``."""
+    """A fresh model by registered name, e.g. ``"study-reference"``, ``"individual"`` or ``"study"``."""
     if not config.resolved:
         raise ValueError(
             f"ModelConfig(vocab_size={config.vocab_size}, own_bias={config.own_bias!r}, dtype={config.dtype!r}) is not "
             "resolved; give a vocab_size and no 'auto' (ModelConfig.resolve does both)"
         )
-    return model_class(name)(config, key=key)
+    cls = model_class(name)
+    if config.memory_size and not cls.reads_memory:
+        raise ValueError(f"model {name!r} reads no classroom memory: give it memory_size=0")
+    return cls(config, key=key)
+
+
+
+def memory_options(name: str, config: ModelConfig) -> dict | None:
+    """The ``ClassroomMemory`` options (size, days, max_reads) that model ``name`` reads under
+    ``config``, or None when it reads no classroom memory."""
+    if not (model_class(name).reads_memory and config.memory_size):
+        return None
+    return {"size": config.memory_size, "days": config.memory_days, "max_reads": config.memory_reads}

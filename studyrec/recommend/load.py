@@ -59,7 +59,7 @@ def load_run(path: str | os.PathLike, step: int | None = None) -> Run:
         raise NotADirectoryError(f"{path}: is a file, expected a run directory")
     record = read_config(path)
     where = str(path / "config.json")
-    name = record.get("model")
+    name = rundir.model_name(record.get("model"), record.get("model_names"))
     if isinstance(name, str) and name.startswith("baseline:"):
         raise ValueError(f"{path} is a {name} run: it has scores but no model to load")
     if name not in MODELS:
@@ -99,6 +99,7 @@ def load_run(path: str | os.PathLike, step: int | None = None) -> Run:
         step, model, meta = _restore_usable(checkpoints, steps if step is None else [step], name, model_config)
     finally:
         checkpoints.close()
+    meta = rundir.upgrade_meta(meta)
     if meta.get("model") not in (None, name):
         raise ValueError(f"{where} says model {name!r} but checkpoint {step} was saved by a {meta['model']!r} run")
     check_fingerprint(vocab, vocab_file, meta.get("vocab_fingerprint"), str(checkpoints.step_dir(step)))

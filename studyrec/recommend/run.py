@@ -24,11 +24,12 @@ from studyrec.config import TrainConfig
 from studyrec.data.classrooms import assign_classrooms
 from studyrec.data.dataset import check_recommend_times
 from studyrec.data.io import load_activity, load_school_info, load_student_info
+from studyrec.data.memory import ClassroomMemory
 from studyrec.data.packing import Sample
 from studyrec.data.query_rows import QueryHistory, QueryLayout, compose_queries, layout_queries
 from studyrec.data.vocab import Vocabulary
 from studyrec.evaluate.topk import top_titles
-from studyrec.models import DecoderModel, ModelConfig
+from studyrec.models import DecoderModel, ModelConfig, memory_options
 from studyrec.recommend.explain import dates, query_attention
 from studyrec.recommend.explain import explain as explain_titles
 
@@ -116,8 +117,8 @@ class Run:
 
     @property
     def explainable(self) -> bool:
-        """Whether explanations can be given: the model reads classmates and its keys carry the previous title."""
-        return self.reads_classmates and type(self.model).keys_carry_previous_title
+        """Whether explanations can be given: the model reads classmates."""
+        return self.reads_classmates
 
     def recommend(
         self,
@@ -185,9 +186,10 @@ class Run:
         num_batches = -(-R // batch_size)
         show = num_batches > 1 if progress is None else progress
         tops, scores, texts = [], [], []
+        memory = self._memory(history)
         for lo in tqdm(range(0, R, batch_size), total=num_batches, desc="recommend", disable=not show, leave=False):
             rows = np.arange(lo, min(lo + batch_size, R))
-            packed = compose_queries(history, layout, rows, batch_size, as_of_s, self.vocab.sep)
+            packed = compose_queries(history, layout, rows, batch_size, as_of_s, self.vocab.sep, memory)
             exclude = self._exclude_batch(read, rows, batch_size)
             log_probs = _query_log_probs(self.model, packed.sample, packed.query_col)
             top, score = top_titles(log_probs, k, self.vocab.num_titles, exclude)
@@ -197,7 +199,7 @@ class Run:
             if explain:
                 attention = np.asarray(query_attention(self.model, packed.sample, packed.query_col))
                 own_reads, own_last = history.reads_of(query[rows], top)
-                texts += explain_titles(packed, top, attention, as_of_s, own_reads, own_last)
+                texts += explain_titles(packed, top, attention, as_of_s, own_reads, own_last, self.model_config.memory_days)
 
         top = np.concatenate(tops) if tops else np.zeros((0, k), np.int32)
         score = np.concatenate(scores) if scores else np.zeros((0, k), np.float32)
@@ -227,8 +229,13 @@ class Run:
         """
         history, layout, as_of_s, _ = self._prepare(activity, student_info, school_info, as_of, students)
         rows = np.arange(len(layout.query))
-        packed = compose_queries(history, layout, rows, len(rows), as_of_s, self.vocab.sep)
+        packed = compose_queries(history, layout, rows, len(rows), as_of_s, self.vocab.sep, self._memory(history))
         return history.students[layout.query], packed.sample, packed.query_col
+
+    def _memory(self, history: QueryHistory) -> ClassroomMemory | None:
+        """The classroom memory over ``history`` that the model reads (None: it reads none)."""
+        options = memory_options(self.model_name, self.model_config)
+        return None if options is None else history.memory(**options)
 
     def _prepare(self, activity, student_info, school_info, as_of, students) -> tuple[QueryHistory, QueryLayout, int, dict]:
         frame = _activity_frame(activity)

@@ -21,12 +21,13 @@ from studyrec.checkpoint import Checkpoints
 from studyrec.config import TrainConfig, resolve_wandb
 from studyrec.data import dataset
 from studyrec.data.interactions import Interactions, make_chunks
+from studyrec.data.memory import ClassroomMemory
 from studyrec.data.packing import ClassroomPacker, Sample
 from studyrec.data.pipeline import local_rows, prefetching, training_batches
 from studyrec.data.vocab import Vocabulary
 from studyrec.evaluate import model_eval
 from studyrec.evaluate.metrics import write_tables
-from studyrec.models import ModelConfig, build
+from studyrec.models import ModelConfig, build, memory_options
 from studyrec.sharding import make_mesh, place_batch, shard_params
 from studyrec.train import distributed, hooks
 from studyrec.train.best import BestParameters
@@ -48,13 +49,18 @@ def _packer(
     data: Interactions, cfg: TrainConfig, vocab: Vocabulary, origin: int, align: str = "start", chunk_size: int | None = None
 ) -> ClassroomPacker:
     chunks = make_chunks(data, chunk_size or cfg.chunk_size, align)
+    options = memory_options(cfg.model, cfg.arch)
     return ClassroomPacker(
-        data, chunks, cfg.seq_len, vocab.sep, origin, aligned=cfg.sampler == "aligned", context_size=cfg.classmate_chunk_size
+        data, chunks, cfg.seq_len, vocab.sep, origin, aligned=cfg.sampler == "aligned", context_size=cfg.classmate_chunk_size,
+        memory=None if options is None else ClassroomMemory.of(data, origin, **options),
     )
 
 
 def _write_config(run_dir: Path, cfg: TrainConfig, model_config: ModelConfig, extra: dict, resumed_at: int | None) -> None:
-    record = {"config": dataclasses.asdict(cfg), "model": cfg.model, "model_config": dataclasses.asdict(model_config), **extra}
+    record = {
+        "config": dataclasses.asdict(cfg), "model": cfg.model, "model_names": rundir.MODEL_NAMES,
+        "model_config": dataclasses.asdict(model_config), **extra,
+    }
     rundir.write_config(run_dir, record, resumed_at)
 
 
@@ -216,7 +222,7 @@ def _open_run(
     checkpoints = Checkpoints(job.run_dir, keep=cfg.keep_checkpoints)
     # The newest intact checkpoint (a damaged one is set aside); its model kind and sizes must match.
     expect = rundir.checkpoint_meta(cfg.model, vocab)
-    restored = checkpoints.restore_latest(model, opt_state, iterator, expect=expect)
+    restored = checkpoints.restore_latest(model, opt_state, iterator, expect=expect, upgrade=rundir.upgrade_meta)
     start = 0
     if restored is not None:
         start, model, opt_state, _ = restored

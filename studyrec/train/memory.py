@@ -36,6 +36,8 @@ def parameter_count(config: ModelConfig) -> int:
     total += GAP_BUCKETS * d if config.gap_embedding else 0
     if config.copy_head:
         total += 2 * d * d + d + 2 + int(config.own_bias is not None)
+    if config.memory_size:
+        total += d * d + d + 3  # the memory head
     return total
 
 
@@ -65,16 +67,20 @@ def _layer_values(config: ModelConfig, T: int, s: int, training: bool) -> int:
 
 def _head_values(config: ModelConfig, T: int, training: bool) -> int:
     """Floats the output layer holds per row: logits [T, vocab] (softmax, cross-entropy and, with the
-    copy head, its scatter, log and mixture, plus gradients), and the copy head's scores [T, T]."""
-    vocab_copies = (14 if config.copy_head else 8) if training else (6 if config.copy_head else 3)
+    copy or memory head, its scatter, log and mixture, plus gradients), the copy head's scores [T, T]
+    and the memory head's embeddings and scores [T, K, d + 8]."""
+    pointers = int(config.copy_head) + int(config.memory_size > 0)
+    vocab_copies = (8 + 6 * pointers) if training else (3 + 3 * pointers)
     copy_scores = 8 * T * T if config.copy_head else 0
-    return vocab_copies * T * config.vocab_size + copy_scores + 4 * T * config.d_model
+    memory = (2 if training else 1) * T * config.memory_size * (config.d_model + 8)
+    return vocab_copies * T * config.vocab_size + copy_scores + memory + 4 * T * config.d_model
 
 
-def batch_bytes(seq_len: int, rows: int) -> int:
-    """A packed batch of ``rows`` rows: ``SAMPLE_FIELDS`` int32 arrays [rows, seq_len], the grade [rows]
-    and, in evaluation, the int64 source of each token [rows, seq_len]."""
-    return rows * (SAMPLE_FIELDS * 4 * seq_len + 4 + 8 * seq_len)
+def batch_bytes(seq_len: int, rows: int, memory_size: int = 0) -> int:
+    """A packed batch of ``rows`` rows: ``SAMPLE_FIELDS`` int32 arrays [rows, seq_len], the grade [rows],
+    three int32 memory arrays [rows, seq_len, memory_size] and, in evaluation, the int64 source of
+    each token [rows, seq_len]."""
+    return rows * (SAMPLE_FIELDS * 4 * seq_len + 4 + 8 * seq_len + 12 * seq_len * memory_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +134,7 @@ def estimate(
         per_device_batch: training rows per device per step.
         eval_rows_per_device: rows of the fixed evaluation batches held on one device (0: none).
         prefetch: training batches packed ahead on the host.
-        model: "study", "individual" or "study-lagfree".
+        model: a registered model name (its ``streams`` matter).
         fsdp: devices sharing each parameter.
         local_devices: devices of this process (each host batch carries rows for all of them).
     """
@@ -138,13 +144,14 @@ def estimate(
     # Adam's intermediate moments.
     update = 6 * params
     train_step = update + activation_bytes(config, seq_len, per_device_batch, model=model, training=True)
-    train_step += batch_bytes(seq_len, per_device_batch)
-    probes = 2 * batch_bytes(seq_len, eval_rows_per_device)
+    K = config.memory_size
+    train_step += batch_bytes(seq_len, per_device_batch, K)
+    probes = 2 * batch_bytes(seq_len, eval_rows_per_device, K)
     probe_eval = activation_bytes(config, seq_len, per_device_batch, model=model, training=False)  # a batch at a time
     final_eval = activation_bytes(config, seq_len, per_device_batch, model=model, training=False)
-    final_eval += batch_bytes(seq_len, per_device_batch)
+    final_eval += batch_bytes(seq_len, per_device_batch, K)
     # Batches in the buffer, the one being placed, and each packing thread's working copy.
-    host = (prefetch + 1 + min(os.cpu_count() or 1, 16)) * 2 * batch_bytes(seq_len, per_device_batch * local_devices)
+    host = (prefetch + 1 + min(os.cpu_count() or 1, 16)) * 2 * batch_bytes(seq_len, per_device_batch * local_devices, K)
     return MemoryEstimate(state, train_step, probes, probe_eval, final_eval, host)
 
 

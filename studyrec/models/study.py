@@ -1,8 +1,8 @@
-"""Lag-free STUDY: every strictly earlier classmate interaction is visible, still without leaks.
+"""STUDY as the paper defines it: every strictly earlier classmate interaction is visible, without leaks.
 
-The reference STUDY (``Study``) shifts titles right within each student and masks on the unshifted
-timestamps, so a classmate's title j reaches a query only through key j+1 (spec §5.3, §11.3): a
-one-step lag. ``StudyLagFree`` removes the lag with two streams, as XLNet does:
+The reference's STUDY (``StudyReference``) shifts titles right within each student and masks on the
+unshifted timestamps, so a classmate's title j reaches a query only through key j+1 (spec §5.3,
+§11.3): a one-step lag. ``Study`` removes the lag with two streams, as XLNet does:
 
 - a **content** stream ``h`` where position k embeds its *own* title (no shift) plus its position;
 - a **query** stream ``g`` where position q embeds only the BOS token (id 0) plus its position, and
@@ -17,8 +17,12 @@ both streams read keys and values of the content stream only, under ``two_stream
 ``2 * seq**2`` attention scores instead of ``seq**2``, and twice the rows through every projection
 and MLP (but one output layer, on the query stream).
 
-The parameters are exactly ``Study``'s (a ``Decoder`` under ``.decoder``, same paths and shapes), so
-the parameter count is equal; only the forward pass differs.
+The parameters are exactly ``StudyReference``'s (a ``Decoder`` under ``.decoder``, same paths and
+shapes), so the parameter count is equal; only the forward pass differs.
+
+Beyond the row, ``Study`` reads the classroom memory (``ModelConfig.memory_size``, see
+``studyrec.data.memory``): at each position, the titles its whole classroom read most in the days
+strictly before it, through the ``MemoryHead`` at the output.
 """
 
 from __future__ import annotations
@@ -71,9 +75,9 @@ def two_stream_attention(
     return jnp.where(sees[:, None], out, jnp.zeros((), x.dtype))
 
 
-@register("study-lagfree")
-class StudyLagFree(DecoderModel):
-    """STUDY without the one-step lag: a content and a query stream over the shared decoder.
+@register("study")
+class Study(DecoderModel):
+    """STUDY without the reference's one-step lag: a content and a query stream over the shared decoder.
 
     The prediction at q depends on exactly the titles in
     ``A(q) = {i : same student and i < q} ∪ {i : other student and τ_i < τ_q}``.
@@ -89,12 +93,16 @@ class StudyLagFree(DecoderModel):
     ``R(k) ⊆ A(q)`` by the same argument, plus its own query state through the residual (a query
     that may see nothing reads nothing); so by induction it depends only on A(q), which excludes
     the target q. Conversely every i in A(q) is read directly by the query at q in the first layer,
-    so nothing in A(q) is hidden. (``Study`` relies on the same ordering.)
+    so nothing in A(q) is hidden. (``StudyReference`` relies on the same ordering.)
+
+    The memory head adds, at q, titles read in q's classroom strictly before τ_q, which are
+    in A(q) or are classmates' reads outside the row; none is q's own title (read at τ_q).
     """
 
     reads_classmates = True
     keys_carry_previous_title = False
     streams = 2
+    reads_memory = True
 
     def mask(self, sample: Sample) -> Bool[Array, "rows seq"]:
         return two_stream_mask(sample.segments, sample.timestamps)
@@ -103,15 +111,26 @@ class StudyLagFree(DecoderModel):
         """Each position carries its own title, read at its own time; a query may copy exactly what its query stream reads."""
         return sample.titles, sample.timestamps, query_mask(sample.segments, sample.timestamps)
 
-    def hidden(self, sample: Sample, *, key: PRNGKeyArray | None = None, layers: int | None = None) -> Float[Array, "seq d"]:
-        """The query stream's states (the content stream only feeds it)."""
-        decoder, n = self.decoder, sample.titles.shape[0]
-        ke, kb = (None, None) if key is None else jax.random.split(key)
+    def _streams(self, sample: Sample, key: PRNGKeyArray | None):
+        """Both streams' inputs ``[h; g]``, the mask and bias inputs of every block, and the block call."""
+        decoder = self.decoder
         tokens = jnp.concatenate([sample.titles, jnp.zeros_like(sample.titles)])
         twice = lambda a: None if a is None else jnp.concatenate([a, a])  # noqa: E731
-        x = decoder.embed(tokens, twice(sample.positions), twice(self.input_gaps(sample)), key=ke)
+        x = decoder.embed(tokens, twice(sample.positions), twice(self.input_gaps(sample)), key=key)
         mask = self.mask(sample)
         # Both streams' rows at q share q's time and student, so the biases repeat for the query stream.
         extra = {name: jnp.tile(v, (2, 1)) for name, v in decoder.bias_inputs(sample.timestamps, sample.segments).items()}
         block_fn = lambda block, x, k: block(x, mask, key=k, attend=two_stream_attention, **extra)  # noqa: E731
-        return decoder.transform(x, block_fn, key=kb, layers=layers)[n:]
+        return x, mask, extra, block_fn
+
+    def hidden(self, sample: Sample, *, key: PRNGKeyArray | None = None, layers: int | None = None) -> Float[Array, "seq d"]:
+        """The query stream's states (the content stream only feeds it)."""
+        ke, kb = (None, None) if key is None else jax.random.split(key)
+        x, _, _, block_fn = self._streams(sample, ke)
+        return self.decoder.transform(x, block_fn, key=kb, layers=layers)[sample.titles.shape[0]:]
+
+    def last_block_input(self, sample: Sample):
+        """Both streams before the last block (the query stream last), its mask, biases and attention."""
+        x, mask, extra, block_fn = self._streams(sample, None)
+        x = self.decoder.transform(x, block_fn, layers=self.decoder.config.num_layers - 1)
+        return x, mask, extra, two_stream_attention

@@ -6,7 +6,7 @@ import pytest
 
 from studyrec.data import Sample
 from studyrec.models import ModelConfig, build
-from studyrec.models.lagfree import StudyLagFree, content_mask, query_mask, two_stream_mask
+from studyrec.models.study import Study, content_mask, query_mask, two_stream_mask
 
 SEP = 99
 TINY = dict(vocab_size=100, num_layers=2, d_model=32, qkv_dim=32, num_heads=2, mlp_dim=32, max_len=24)
@@ -14,7 +14,7 @@ TINY = dict(vocab_size=100, num_layers=2, d_model=32, qkv_dim=32, num_heads=2, m
 
 def model(**overrides):
     """An inference-mode model."""
-    return eqx.nn.inference_mode(StudyLagFree(ModelConfig(**{**TINY, **overrides}), key=jax.random.key(0)))
+    return eqx.nn.inference_mode(Study(ModelConfig(**{**TINY, **overrides}), key=jax.random.key(0)))
 
 
 def row(titles, segments, timestamps, grade=0):
@@ -75,7 +75,7 @@ def assert_exact(diffs, sample):
 
 def test_reference_fixture_sees_what_study_lags():
     deps = exact_dependencies(FIXTURE)
-    # Study's one-step lag hides titles 2, 3, 4, 4 from outputs 6, 7, 8, 9; here they are visible,
+    # StudyReference's one-step lag hides titles 2, 3, 4, 4 from outputs 6, 7, 8, 9; here they are visible,
     # and so is student 1's last title (4, at t=4) from outputs 8 and 9.
     assert deps[2, 6] and deps[3, 7] and deps[4, 8] and deps[4, 9]
     assert not deps[3, 6] and not deps[4, 7]  # same-day classmates stay hidden
@@ -119,8 +119,8 @@ def test_shapes_jit_and_vmap(dtype, grades, tied):
 
 def test_same_parameters_as_study():
     config = ModelConfig(**TINY, num_grade_levels=3)
-    lagfree = StudyLagFree(config, key=jax.random.key(0))
-    study = build("study", config, key=jax.random.key(0))
+    lagfree = Study(config, key=jax.random.key(0))
+    study = build("study-reference", config, key=jax.random.key(0))
     leaves = lambda m: jax.tree_util.tree_leaves_with_path(eqx.filter(m, eqx.is_array))  # noqa: E731
     assert [jax.tree_util.keystr(p) for p, _ in leaves(lagfree)] == [jax.tree_util.keystr(p) for p, _ in leaves(study)]
     for (path, a), (_, b) in zip(leaves(lagfree), leaves(study)):
@@ -129,7 +129,7 @@ def test_same_parameters_as_study():
 
 
 def test_gradients_reach_every_parameter_and_dropout_uses_the_key():
-    m = StudyLagFree(ModelConfig(**TINY, num_grade_levels=3, recency_bias=True), key=jax.random.key(0))
+    m = Study(ModelConfig(**TINY, num_grade_levels=3, recency_bias=True), key=jax.random.key(0))
     s = FIXTURE._replace(grade_level=jnp.int32(2))
 
     @eqx.filter_jit
@@ -146,6 +146,6 @@ def test_gradients_reach_every_parameter_and_dropout_uses_the_key():
 
 
 def test_build_by_name():
-    m = build("study-lagfree", ModelConfig(**TINY), key=jax.random.key(0))
-    assert isinstance(m, StudyLagFree)
+    m = build("study", ModelConfig(**TINY), key=jax.random.key(0))
+    assert isinstance(m, Study)
     assert eqx.filter_jit(eqx.nn.inference_mode(m))(FIXTURE).shape == (10, 100)

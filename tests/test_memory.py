@@ -1,0 +1,130 @@
+"""The classroom memory: what it holds, that it holds only the strictly earlier past, and that the
+model reads nothing else through it."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+import pytest
+
+from studyrec.data import make_chunks
+from studyrec.data.interactions import Interactions
+from studyrec.data.memory import DAY, ClassroomMemory
+from studyrec.data.packing import ClassroomPacker
+from studyrec.models import ModelConfig, Study, build
+
+SEP = 40
+TINY = dict(vocab_size=41, num_layers=2, d_model=32, qkv_dim=32, num_heads=2, mlp_dim=32, max_len=64)
+
+
+def reads(rng, n=600, rooms=3, titles=30, days=20):
+    """Random reads: classroom, time (whole hours, so ties happen) and title."""
+    return rng.integers(0, rooms, n), rng.integers(0, days * 24, n) * 3600, rng.integers(1, titles, n)
+
+
+def brute_force(classroom, times, titles, room, moment, size, days, max_reads):
+    """The same summary by pandas, one query at a time."""
+    frame = pd.DataFrame({"room": classroom, "time": times, "title": titles})
+    frame = frame[(frame.room == room) & (frame.time < moment) & (frame.time >= moment - days * DAY) & (frame.title > 0)]
+    frame = frame.sort_values("time", kind="stable").tail(max_reads)
+    table = frame.groupby("title").agg(reads=("time", "size"), latest=("time", "max")).reset_index()
+    table = table.sort_values(["reads", "latest", "title"], ascending=[False, False, True]).head(size)
+    return table["title"].tolist(), table["reads"].tolist(), table["latest"].tolist()
+
+
+@pytest.mark.parametrize(("size", "days", "max_reads"), [(5, 2.0, 1000), (8, 1.5, 20), (3, 30.0, 7)])
+def test_lookup_matches_a_brute_force_count(size, days, max_reads):
+    rng = np.random.default_rng(size)
+    classroom, times, titles = reads(rng)
+    titles[::17] = 0  # padding never counts
+    memory = ClassroomMemory(classroom, times, titles, size=size, days=days, max_reads=max_reads)
+    q_room = rng.integers(0, 4, 200)  # classroom 3 has no reads
+    q_time = np.concatenate([rng.choice(times, 150), rng.integers(-5 * DAY, 25 * DAY, 50)])
+    got = memory.lookup(q_room, q_time)
+    for i in range(len(q_room)):
+        want = brute_force(classroom, times, titles, q_room[i], q_time[i], size, days, max_reads)
+        k = len(want[0])
+        for g, w in zip(got, want):
+            assert g[i, :k].tolist() == w, (i, q_room[i], q_time[i])
+            assert not g[i, k:].any()
+
+
+def packer_with_memory(seq_len=24, chunk=4, context=None) -> ClassroomPacker:
+    rng = np.random.default_rng(0)
+    students, per = 12, 10
+    titles = rng.integers(1, 30, students * per).astype(np.int32)
+    times = np.sort(rng.integers(0, 10, (students, per)) * DAY // 2, axis=1).ravel().astype(np.int64)
+    data = Interactions(
+        titles=titles, title_codes=titles.astype(np.int64), timestamps=times, scored=np.ones(len(titles), bool),
+        offsets=np.arange(0, students * per + 1, per), students=np.arange(1, students + 1),
+        classroom=np.arange(students) % 2, grade=np.zeros(students, np.int32),
+    )
+    memory = ClassroomMemory.of(data, 0, size=6, days=2.0, max_reads=100)
+    return ClassroomPacker(data, make_chunks(data, chunk), seq_len, SEP, 0, context_size=context, memory=memory)
+
+
+@pytest.mark.parametrize("layout", ["training", "evaluation", "focus"])
+def test_every_token_remembers_only_its_classrooms_strictly_earlier_reads(layout):
+    packer = packer_with_memory(context=3 if layout == "focus" else None)
+    if layout == "evaluation":
+        sample, source = packer.eval_layout().batch(0, 64)
+    else:
+        sample, source = packer.compose(64, packer.random_placements(1, np.arange(64)))
+    data = packer.data
+    room_of = np.repeat(data.classroom, np.diff(data.offsets))
+    checked = 0
+    for b, t in zip(*np.nonzero(sample.segments > 0)):
+        titles, count, latest = sample.memory_titles[b, t], sample.memory_reads[b, t], sample.memory_times[b, t]
+        real = titles > 0
+        assert np.all(latest[real] < sample.timestamps[b, t]), "a memory read is not strictly earlier"
+        if source[b, t] < 0:
+            continue
+        room, now = room_of[source[b, t]], sample.timestamps[b, t]
+        window = (room_of == room) & (data.timestamps < now) & (data.timestamps >= now - 2 * DAY)
+        for title, n, last in zip(titles[real], count[real], latest[real]):
+            mine = window & (data.titles == title)
+            assert n == mine.sum() and last == data.timestamps[mine].max()
+        checked += 1
+    assert checked > 100
+    assert (sample.memory_titles[sample.segments == 0] == 0).all(), "separators and padding remember nothing"
+
+
+def model(**overrides):
+    return eqx.nn.inference_mode(build("study", ModelConfig(**TINY, memory_size=6, copy_head=True, **overrides), key=jax.random.key(0)))
+
+
+def test_the_memory_head_reads_only_earlier_entries_and_changes_the_scores():
+    packer = packer_with_memory()
+    sample, _ = packer.compose(4, packer.random_placements(2, np.arange(4)))
+    sample = jax.tree.map(jnp.asarray, sample)
+    m = model()
+    with_memory = jax.vmap(m)(sample)
+    empty = jax.vmap(m)(sample._replace(memory_titles=None, memory_reads=None, memory_times=None))
+    remembers = np.asarray((sample.memory_titles > 0).any(-1))
+    assert remembers.sum() > 10
+    moved = np.asarray(jnp.abs(with_memory - empty).max(-1) > 1e-6)
+    np.testing.assert_array_equal(moved, remembers)  # the head acts exactly where there is a memory
+    # A (corrupted) entry at or after the token's own time is ignored by the model as well.
+    late = sample._replace(memory_times=jnp.where(sample.memory_titles > 0, sample.timestamps[..., None], 0))
+    np.testing.assert_allclose(jax.vmap(m)(late), empty, atol=1e-6)
+
+
+def test_the_memory_adds_no_dependency_on_the_rows_titles():
+    """The dependency map of the row's titles through every layer is the one without a memory."""
+    from test_study import assert_exact, influence
+
+    packer = packer_with_memory()
+    sample, _ = packer.compose(3, packer.random_placements(5, np.arange(3)))
+    sample = jax.tree.map(jnp.asarray, sample)
+    diffs = np.asarray(influence(model(gap_embedding=True), sample))
+    for b in range(3):
+        assert_exact(diffs[b], jax.tree.map(lambda x: x[b], sample))
+
+
+def test_only_models_that_read_classmates_take_a_memory():
+    assert Study.reads_memory and not build("individual", ModelConfig(**TINY), key=jax.random.key(0)).reads_memory
+    with pytest.raises(ValueError, match="reads no classroom memory"):
+        build("individual", ModelConfig(**TINY, memory_size=4), key=jax.random.key(0))
+    with pytest.raises(ValueError, match="memory_days"):
+        ModelConfig(**TINY, memory_days=0.0)
