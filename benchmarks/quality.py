@@ -6,8 +6,9 @@
 Each model and baseline writes a run directory under ``--out``; the script prints one table of
 hits@{1,5,20} on ``all`` and ``non_history`` (validation weeks, scored with the training history as
 context), with the models' train and validation accuracy on fixed batches; then the differences
-the targets are about (Individual against own-last, STUDY against the lagged classmates heuristic
-and against Individual) with 95% paired-bootstrap intervals over students; and a JSON line.
+the targets are about (Individual against own-last, STUDY against the classmates heuristic and
+against Individual, the reference's STUDY against the lagged heuristic) with 95% paired-bootstrap
+intervals over students; and a JSON line. Models train as ``cpu-small`` ships: no tuning flags.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from benchmarks.common import Stopwatch, json_line, log
 from experiments.cli import EXIT_BAD_INPUT
 from studyrec.data.atomic import write_text_atomic
 from studyrec.evaluate.compare import paired_difference
+from studyrec.config import DEFAULT_EPOCHS
 from studyrec.models import MODELS
 
 # (b, a) pairs whose difference b - a the targets are about; a missing run is skipped.
@@ -50,14 +52,14 @@ class QualityConfig:
         "popularity", "popularity_by_grade", "knn", "classmates_recent", "classmates_recent_lagged", "own_last",
     )
     """Heuristics scored through the same metric code."""
-    epochs: float = 6.0
-    """Passes over each dataset's training interactions per model (about 1,200 cpu-small steps on 15k students); the best checkpoint by validation accuracy is kept."""
-    chunk_sizes: tuple[tuple[str, int], ...] = (("individual", 16), ("study-reference", 8), ("study", 4))
-    """Chunk length per model on the generated classrooms: smaller chunks put more classmates in a 65-token row."""
-    movielens_chunk_sizes: tuple[tuple[str, int], ...] = tuple((name, 16) for name in MODELS)
-    """Chunk length per model on MovieLens, whose zip-code "classrooms" carry little signal: each model keeps Individual's own history."""
-    eval_every: int = 100
-    """Steps between the validation accuracies that pick the best checkpoint."""
+    epochs: float | None = None
+    """Passes over each dataset's training interactions per model (None: the preset's, DEFAULT_EPOCHS); the best checkpoint by validation accuracy is kept."""
+    chunk_sizes: tuple[tuple[str, int], ...] = ()
+    """Chunk length per model on the generated classrooms, as MODEL SIZE pairs (default: each model's default_chunk_size)."""
+    movielens_chunk_sizes: tuple[tuple[str, int], ...] = ()
+    """Chunk length per model on MovieLens (default: each model's default_chunk_size)."""
+    eval_every: int | None = None
+    """Steps between the validation accuracies that pick the best checkpoint (None: the preset's, ten per run)."""
     seed: int = 0
     """Data and training seed."""
     train_flags: tuple[str, ...] = ()
@@ -99,6 +101,15 @@ def data_flags(path: Path) -> list[str]:
     ]
 
 
+def optional(flag: str, value) -> list[str]:
+    return [] if value is None else [flag, str(value)]
+
+
+def recorded_chunk(run_dir: Path) -> int:
+    """The chunk size a run used, from its config.json."""
+    return json.loads((run_dir / "config.json").read_text())["config"]["student_chunk_size"]
+
+
 def row(dataset: str, name: str, run_dir: Path, seconds: float, chunk: int | None = None) -> dict:
     aggregate = pd.read_csv(run_dir / "aggregate.csv").set_index(["Evaluation_Type", "N_Recommendations"])["Hits_at_N"]
     result = {"data": dataset, "model": name, "chunk": "" if chunk is None else chunk, "seconds": round(seconds, 1)}
@@ -123,9 +134,9 @@ def main(cfg: QualityConfig) -> pd.DataFrame:
         print(f"error: --models: unknown {', '.join(unknown)} (choose from {', '.join(MODELS)})", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
     for flag, sizes in (("--chunk-sizes", cfg.chunk_sizes), ("--movielens-chunk-sizes", cfg.movielens_chunk_sizes)):
-        missing = [m for m in cfg.models if m not in dict(sizes)]
-        if missing:
-            print(f"error: {flag} has no entry for {', '.join(missing)} (give MODEL SIZE pairs)", file=sys.stderr)
+        unknown = [m for m, _ in sizes if m not in MODELS]
+        if unknown:
+            print(f"error: {flag} names unknown models {', '.join(unknown)} (give MODEL SIZE pairs)", file=sys.stderr)
             sys.exit(EXIT_BAD_INPUT)
     root = Path(cfg.out)
     rows = []
@@ -140,20 +151,21 @@ def main(cfg: QualityConfig) -> pd.DataFrame:
         chunk_sizes = dict(cfg.movielens_chunk_sizes if dataset == "movielens-100k" else cfg.chunk_sizes)
         for model in cfg.models:
             run_dir = root / dataset / model
+            chunk = chunk_sizes.get(model)
             seconds = run([
                 sys.executable, "-m", "experiments.train", "cpu-small", "--model", model,
-                "--output-dir", str(run_dir), "--epochs", str(cfg.epochs), "--seed", str(cfg.seed),
-                "--student-chunk-size", str(chunk_sizes[model]), "--wandb.mode", "disabled",
-                "--eval-every", str(cfg.eval_every), *data_flags(path), *cfg.train_flags,
+                "--output-dir", str(run_dir), "--seed", str(cfg.seed), "--wandb.mode", "disabled",
+                *optional("--epochs", cfg.epochs), *optional("--student-chunk-size", chunk),
+                *optional("--eval-every", cfg.eval_every), *data_flags(path), *cfg.train_flags,
             ])
-            rows.append(row(dataset, model, run_dir, seconds, chunk_sizes[model]))
+            rows.append(row(dataset, model, run_dir, seconds, recorded_chunk(run_dir)))
     table = pd.DataFrame(rows)
     differences = pd.DataFrame([d for dataset in dict.fromkeys(r["data"] for r in rows) for d in compare(root / dataset, dataset)])
     markdown = "\n\n".join(_markdown(t) for t in (table, differences) if not t.empty)
     print(markdown)
     write_text_atomic(root / "quality.md", markdown + "\n")
     json_line({
-        "benchmark": "quality", "epochs": cfg.epochs, "preset": "cpu-small", "rows": rows,
+        "benchmark": "quality", "epochs": cfg.epochs or DEFAULT_EPOCHS, "preset": "cpu-small", "rows": rows,
         "differences": differences.to_dict("records"),
     })
     return table

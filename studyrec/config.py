@@ -13,6 +13,10 @@ import tyro
 from studyrec.models import ModelConfig, model_class
 
 
+DEFAULT_EPOCHS = 12.0
+"""Passes over the training data of a run that does not give ``--steps``: enough to learn, few
+enough not to memorise small data (the best checkpoint by validation accuracy is kept anyway)."""
+
 DEFAULT_ARCH = ModelConfig(
     num_layers=2, d_model=64, qkv_dim=64, num_heads=4, mlp_dim=256,
     tie_embeddings=True, copy_head=True, gap_embedding=True, own_bias="auto", dtype="auto", memory_size=32,
@@ -123,14 +127,14 @@ class TrainConfig:
     """The data and how it is scored."""
     output_dir: str = "runs/{model}"
     """Run directory; rerunning with the same one resumes from its last checkpoint."""
-    steps: int = 400
-    """Training steps."""
-    epochs: float | None = None
-    """Passes over the training interactions instead of --steps: a pass is interactions / (global batch x seq_len) steps, and --warmup-steps is capped at a tenth of the run."""
+    steps: int | None = None
+    """Training steps (None: --epochs passes over the training interactions)."""
+    epochs: float = DEFAULT_EPOCHS
+    """Passes over the training interactions when --steps is not given: a pass is interactions / (global batch x seq_len) steps, and --warmup-steps is capped at a tenth of the run."""
     seq_len: int = 65
     """Tokens per packed classroom row."""
     student_chunk_size: int | None = None
-    """Longest run of one student's interactions in a row (default: seq_len)."""
+    """Longest run of one student's interactions in a row (None: the model's default_chunk_size, 16 for individual and 8 for the STUDYs, at most seq_len; a run records the size it used)."""
     classmate_chunk_size: int | None = None
     """Focus rows: each row is one student's chunk, then this many of each classmate's latest interactions before its last (most recent first); evaluation and the validation accuracy score that student only (None: every student's chunk alike, as the reference)."""
     per_device_batch_size: int = 32
@@ -153,8 +157,8 @@ class TrainConfig:
     """Training rows: classmates' chunks around one moment (aligned), or each at random (the reference)."""
     grade_levels: int | None = None
     """Highest grade for grade-level conditioning (None: off)."""
-    eval_every: int = 100
-    """Steps between evaluations of loss and accuracy on fixed batches."""
+    eval_every: int | None = None
+    """Steps between evaluations of loss and accuracy on fixed batches (None: ten per run); they pick the best checkpoint."""
     eval_rows: int = 512
     """Rows in the fixed train and validation batches scored every eval_every steps."""
     save_every: int = 200
@@ -182,7 +186,8 @@ class TrainConfig:
 
     @property
     def chunk_size(self) -> int:
-        return self.student_chunk_size or self.seq_len
+        """``student_chunk_size``, or the model's default (at most ``seq_len``)."""
+        return self.student_chunk_size or min(model_class(self.model).default_chunk_size or self.seq_len, self.seq_len)
 
     def run_dir(self) -> str:
         return self.output_dir.format(model=self.model)
@@ -225,18 +230,16 @@ def check_output_dir(template: str, placeholder: str) -> None:
 PRESETS: dict[str, TrainConfig] = {
     # Small enough to train on the bundled data on a laptop CPU in a couple of minutes.
     "default": TrainConfig(learning_rate=3e-3, scale_lr=False, warmup_steps=100),
+    # Every preset but paper trains for DEFAULT_EPOCHS passes with the model's chunk size.
     # The side-by-side comparison with the reference on a 2-core CPU.
     "cpu-small": TrainConfig(
         preset="cpu-small",
         arch=dataclasses.replace(DEFAULT_ARCH, num_layers=2, d_model=128, qkv_dim=128, num_heads=8, mlp_dim=512),
         seq_len=65,
-        student_chunk_size=65,
         per_device_batch_size=32,
-        steps=2000,
         learning_rate=1e-3,
         scale_lr=False,
         warmup_steps=200,
-        eval_every=250,
         save_every=500,
     ),
     # The reference README's paper-scale run.

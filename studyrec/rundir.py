@@ -129,8 +129,13 @@ def train_config(record: dict, where: str) -> TrainConfig:
         flags = {k: v for k, v in flags.items() if k not in data_fields} | {
             "data": {k: v for k, v in flags.items() if k in data_fields}
         }
-    if isinstance(flags, dict) and "model" in flags:
-        flags = {**flags, "model": model_name(flags["model"], record.get("model_names"))}
+    if isinstance(flags, dict) and "model_names" not in record:  # first names: a chunk of None was the whole row
+        if "model" in flags:
+            flags = {**flags, "model": model_name(flags["model"])}
+        if flags.get("student_chunk_size") is None and "seq_len" in flags:
+            flags = {**flags, "student_chunk_size": flags["seq_len"]}
+        if "epochs" in flags and flags["epochs"] is None:  # --steps set the run
+            flags = {k: v for k, v in flags.items() if k != "epochs"}
     return from_dict(TrainConfig, flags, f"{where}: config")
 
 

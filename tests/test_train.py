@@ -17,7 +17,7 @@ from studyrec.data.vocab import UNDEF
 from studyrec.models import build, memory_options
 from studyrec.checkpoint import Checkpoints
 from studyrec.models import STUDY_OWN_BIAS
-from studyrec.config import DEFAULT_ARCH, PRESETS, DataConfig, TrainConfig, WandbConfig
+from studyrec.config import DEFAULT_ARCH, DEFAULT_EPOCHS, PRESETS, DataConfig, TrainConfig, WandbConfig
 from studyrec.train.checks import check_flags, resolve_steps
 from studyrec.train.loop import train
 from studyrec.sharding import make_mesh, place_batch, shard_params
@@ -48,10 +48,13 @@ def test_every_preset_loads_and_builds(name):
 def test_presets_match_their_definitions():
     small = parse(["cpu-small"])
     assert (small.arch.num_layers, small.arch.d_model, small.arch.qkv_dim, small.arch.mlp_dim, small.arch.num_heads) == (2, 128, 128, 512, 8)
-    assert (small.seq_len, small.chunk_size, small.per_device_batch_size) == (65, 65, 32)
+    assert (small.seq_len, small.chunk_size, small.per_device_batch_size) == (65, 8, 32)  # study's chunk
+    assert (small.steps, small.epochs) == (None, DEFAULT_EPOCHS)  # passes over the data, not a step count
+    assert parse(["cpu-small", "--model", "individual"]).chunk_size == 16
+    assert parse(["cpu-small", "--student-chunk-size", "65"]).chunk_size == 65
     paper = parse(["paper", "--steps", "10"])
     assert (paper.arch.num_layers, paper.arch.d_model, paper.per_device_batch_size, paper.learning_rate) == (6, 256, 2048, 0.0016)
-    assert paper.steps == 10  # explicit flags win over the preset
+    assert paper.steps == 10 and paper.chunk_size == 65  # explicit flags win over the preset
     assert parse(["--steps", "10", "--model", "individual"]).preset == "default"  # no subcommand: the default preset
     assert parse(["cpu-small", "--train-data", "a.csv", "b.csv", "--vocab-size", "7"]).data == DataConfig(
         train_data=("a.csv", "b.csv"), vocab_size=7
@@ -171,9 +174,10 @@ def test_learning_rate_schedules():
 
 
 def test_epochs_set_the_steps_and_cap_the_warm_up(tmp_path):
-    cfg = tiny(tmp_path, epochs=2.5, seq_len=10, warmup_steps=50)
+    cfg = tiny(tmp_path, epochs=2.5, seq_len=10, warmup_steps=50, steps=None, eval_every=None)
     resolved = resolve_steps(cfg, interactions=1000, global_batch=4)  # a pass is 1000 / 40 = 25 steps
-    assert (resolved.steps, resolved.warmup_steps) == (63, 6)
+    assert (resolved.steps, resolved.warmup_steps, resolved.eval_every) == (63, 6, 7)  # ten evaluations
+    assert resolve_steps(tiny(tmp_path, eval_every=None), 1000, 4).eval_every == 1  # 6 steps: at least one apart
     assert resolve_steps(tiny(tmp_path), 1000, 4) == tiny(tmp_path)
     short = resolve_steps(tiny(tmp_path, lr_decay="cosine", steps=40, warmup_steps=100), 1000, 4)
     assert (short.steps, short.warmup_steps) == (40, 4)  # the cosine decay keeps 90% of the run

@@ -470,6 +470,8 @@ class DecoderModel(eqx.Module):
     estimate scales activations by it."""
     default_own_bias: ClassVar[float | None] = None
     """``ModelConfig.own_bias`` when the training flag is ``auto``."""
+    default_chunk_size: ClassVar[int | None] = None
+    """Training's ``--student-chunk-size`` when not given (None: the whole row)."""
     reads_memory: ClassVar[bool] = False
     """Whether the model reads the classroom memory (``ModelConfig.memory_size`` titles per position):
     its rows are then packed with one. Only a model that reads classmates may."""

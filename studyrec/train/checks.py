@@ -53,9 +53,9 @@ def _check_counts(cfg: TrainConfig) -> None:
         "steps", "seq_len", "per_device_batch_size", "eval_every", "save_every", "log_every", "keep_checkpoints", "prefetch",
     )
     for flag in positive:
-        if getattr(cfg, flag) < 1:
+        if getattr(cfg, flag) is not None and getattr(cfg, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} {getattr(cfg, flag)} must be at least 1")
-    if cfg.epochs is not None and not (math.isfinite(cfg.epochs) and cfg.epochs > 0):
+    if not (math.isfinite(cfg.epochs) and cfg.epochs > 0):
         raise ValueError(f"--epochs {cfg.epochs} must be a finite number above 0")
     cfg.data.check()
     if cfg.eval_rows < 0:
@@ -100,14 +100,17 @@ def check_memory(cfg: TrainConfig, model_config: ModelConfig, n_devices: int) ->
 
 
 def resolve_steps(cfg: TrainConfig, interactions: int, global_batch: int) -> TrainConfig:
-    """``cfg`` with ``steps`` set from ``epochs`` (when given), and a warm-up cut to a tenth of the
-    run when ``epochs`` set the steps or a cosine decay would otherwise have no room."""
+    """``cfg`` with ``steps`` set from ``epochs`` (when ``steps`` is not given), a warm-up cut to a
+    tenth of the run when ``epochs`` set the steps or a cosine decay would otherwise have no room,
+    and ten evaluations a run when ``eval_every`` is not given."""
     steps, warmup = cfg.steps, cfg.warmup_steps
-    if cfg.epochs is not None:
+    from_epochs = steps is None
+    if from_epochs:
         steps = max(2, math.ceil(cfg.epochs * interactions / (global_batch * cfg.seq_len)))
-    if cfg.epochs is not None or (cfg.lr_decay == "cosine" and warmup >= steps):
+    if from_epochs or (cfg.lr_decay == "cosine" and warmup >= steps):
         warmup = min(warmup, max(1, steps // 10))
-    return dataclasses.replace(cfg, steps=steps, warmup_steps=warmup)
+    eval_every = cfg.eval_every or max(1, math.ceil(steps / 10))
+    return dataclasses.replace(cfg, steps=steps, warmup_steps=warmup, eval_every=eval_every)
 
 
 def check_run_dir(path: Path) -> None:

@@ -148,7 +148,8 @@ def _plan(cfg: TrainConfig) -> Job:
     check_flags(cfg, jax.device_count())
     run_dir = Path(cfg.run_dir())
     check_run_dir(run_dir)
-    cfg = dataclasses.replace(cfg, wandb=resolve_wandb(cfg.wandb, run_dir))  # config.json records what is used
+    # config.json records what is used
+    cfg = dataclasses.replace(cfg, wandb=resolve_wandb(cfg.wandb, run_dir), student_chunk_size=cfg.chunk_size)
     global_batch = cfg.per_device_batch_size * jax.device_count()
     peak_lr = cfg.learning_rate * (global_batch / 2048 if cfg.scale_lr else 1.0)
     return Job(cfg, make_mesh(cfg.fsdp), global_batch, peak_lr, run_dir, jax.process_index() == 0)
@@ -176,7 +177,7 @@ def _load_data(job: Job) -> tuple[TrainingData, Job]:
     given, cfg = cfg, resolve_steps(cfg, train_data.num_interactions, job.global_batch)
     if (cfg.steps, cfg.warmup_steps) != (given.steps, given.warmup_steps):
         logger.info("training for %d steps with %d of warm-up (%s)", cfg.steps, cfg.warmup_steps,
-                    f"{cfg.epochs:g} epochs" if cfg.epochs is not None else "the warm-up is cut to leave room for the cosine decay")
+                    f"{cfg.epochs:g} epochs" if given.steps is None else "the warm-up is cut to leave room for the cosine decay")
     valid_packer = None
     if frames.valid is not None:
         valid_data = dataset.encode(frames.valid, vocab, frames, cfg.data.classroom_grouping)
