@@ -85,7 +85,7 @@ def test_evaluations_keep_their_own_cadence(tmp_path):
 
 def test_end_to_end_on_a_data_by_fsdp_mesh_lowers_the_loss(tmp_path):
     assert jax.device_count() == 8
-    run = train(tiny(tmp_path, steps=40, fsdp=2, log_every=5, eval_every=20, save_every=20, learning_rate=1e-2))
+    run = train(tiny(tmp_path, steps=60, fsdp=2, log_every=5, eval_every=30, save_every=30, learning_rate=1e-2))
     metrics = read_metrics(run)
     assert metrics[-1]["train/loss"] < metrics[0]["train/loss"] - 0.3
     for name in ("config.json", "vocab.json", "aggregate.csv", "per_student.csv", "recommendations.json"):
@@ -93,7 +93,7 @@ def test_end_to_end_on_a_data_by_fsdp_mesh_lowers_the_loss(tmp_path):
     aggregate = pd.read_csv(run / "aggregate.csv")
     assert set(aggregate["Evaluation_Type"]) == {"all", "non_continuation", "non_history"}
     assert sorted(set(aggregate["N_Recommendations"])) == [1, 5]
-    assert Checkpoints(run).steps() == [20, 40]
+    assert Checkpoints(run).steps() == [30, 60]
 
 
 def test_focus_rows_train_and_score_every_validation_interaction(tmp_path):

@@ -221,6 +221,23 @@ class Block(eqx.Module):
         return x + self.mlp(self.ln2(x), key=km)
 
 
+def _pointer_weights(scores: Float[Array, "n m"], visible: Bool[ArrayLike, "n m"]) -> Float[Array, "n m"]:
+    """A softmax over the visible entries of each row (all zero where none is)."""
+    weights = jax.nn.softmax(jnp.where(visible, scores, jnp.finfo(jnp.float32).min), axis=-1)
+    return weights * visible.astype(jnp.float32)
+
+
+def _log(p: Float[Array, "n vocab"]) -> Float[Array, "n vocab"]:
+    """``log p``, -inf where ``p`` is 0, with no NaN in its gradient."""
+    hit = p > 0
+    return jnp.where(hit, jnp.log(jnp.where(hit, p, 1.0)), -jnp.inf)
+
+
+def _gated(z: Float[Array, " n"], first: Float[Array, "n vocab"], second: Float[Array, "n vocab"]) -> Float[Array, "n vocab"]:
+    """``log(g * exp(first) + (1 - g) * exp(second))`` with ``g = sigmoid(z)``, row by row."""
+    return jnp.logaddexp(jax.nn.log_sigmoid(z)[:, None] + first, jax.nn.log_sigmoid(-z)[:, None] + second)
+
+
 class CopyHead(eqx.Module):
     """A pointer over the titles a position may see, as in pointer-generator networks.
 
@@ -261,14 +278,10 @@ class CopyHead(eqx.Module):
         scores = (q @ self.wq) @ (k @ self.wk).T / math.sqrt(q.shape[-1]) - self.gain * self.recency * log_gap
         if self.own is not None and same_student is not None:
             scores = scores + OWN_BIAS_GAIN * self.own * same_student.astype(self.own.dtype)
-        weights = jax.nn.softmax(jnp.where(visible, scores, jnp.finfo(jnp.float32).min), axis=-1) * visible.astype(jnp.float32)
-        copy = jnp.zeros(logits.shape, jnp.float32).at[:, carried].add(weights)
-        hit = copy > 0
-        log_copy = jnp.where(hit, jnp.log(jnp.where(hit, copy, 1.0)), -jnp.inf)
-        z = (q @ self.gate + self.gain * self.gate_bias)[:, None]
+        copy = jnp.zeros(logits.shape, jnp.float32).at[:, carried].add(_pointer_weights(scores, visible))
+        z = q @ self.gate + self.gain * self.gate_bias
         log_vocab = jax.nn.log_softmax(logits, axis=-1)
-        mixed = jnp.logaddexp(jax.nn.log_sigmoid(z) + log_vocab, jax.nn.log_sigmoid(-z) + log_copy)
-        return jnp.where(visible.any(-1)[:, None], mixed, log_vocab)
+        return jnp.where(visible.any(-1)[:, None], _gated(z, log_vocab, _log(copy)), log_vocab)
 
 
 class MemoryHead(eqx.Module):
@@ -309,13 +322,10 @@ class MemoryHead(eqx.Module):
         affinity = jnp.einsum("nd,nkd->nk", q @ self.wq, embeddings[titles].astype(jnp.float32)) / math.sqrt(q.shape[-1])
         count = jnp.log(jnp.maximum(reads, 1).astype(jnp.float32))
         scores = affinity + self.gain * (self.reads * count - self.recency * log_gap)
-        weights = jax.nn.softmax(jnp.where(visible, scores, jnp.finfo(jnp.float32).min), axis=-1) * visible.astype(jnp.float32)
+        weights = _pointer_weights(scores, visible)
         pointer = jnp.zeros(log_probs.shape, jnp.float32).at[jnp.arange(q.shape[0])[:, None], titles].add(weights)
-        hit = pointer > 0
-        log_pointer = jnp.where(hit, jnp.log(jnp.where(hit, pointer, 1.0)), -jnp.inf)
-        z = (q @ self.gate + self.gain * self.gate_bias)[:, None]
-        mixed = jnp.logaddexp(jax.nn.log_sigmoid(z) + log_pointer, jax.nn.log_sigmoid(-z) + log_probs)
-        return jnp.where(visible.any(-1)[:, None], mixed, log_probs)
+        z = q @ self.gate + self.gain * self.gate_bias
+        return jnp.where(visible.any(-1)[:, None], _gated(z, _log(pointer), log_probs), log_probs)
 
 
 class Decoder(eqx.Module):
