@@ -261,12 +261,15 @@ def generated_packer(
     seed: int = 0,
     class_size: tuple[int, int] = (15, 30),
     grouping: str = "school_grade",
+    memory: dict | None = None,
 ):
-    """A ClassroomPacker over generated data (in memory, no files) and its vocabulary."""
+    """A ClassroomPacker over generated data (in memory, no files) and its vocabulary; with
+    ``memory`` (``studyrec.models.memory_options``) its rows carry the classroom memory."""
     import pandas as pd
 
     from studyrec.data import ClassroomPacker, Interactions, Vocabulary, make_chunks
     from studyrec.data.generate import GenerateConfig, generate
+    from studyrec.data.memory import ClassroomMemory
 
     data = generate(
         GenerateConfig(n_students=n_students, seed=seed, n_titles=int(vocab_size * 1.2), class_size=class_size)
@@ -277,7 +280,9 @@ def generated_packer(
     inter = Interactions.from_frame(frame, vocab, data.student_info, data.school_info, grouping)
     chunks = make_chunks(inter, chunk or seq_len)
     origin = int(frame["timestamp"].min())
-    return ClassroomPacker(inter, chunks, seq_len, vocab.sep, origin - origin % 86400), vocab
+    origin -= origin % 86400
+    reads = None if memory is None else ClassroomMemory.of(inter, origin, **memory)
+    return ClassroomPacker(inter, chunks, seq_len, vocab.sep, origin, memory=reads), vocab
 
 
 def base_record(config, *, batch: int, seq_len: int) -> dict:

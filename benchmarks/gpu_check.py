@@ -81,7 +81,7 @@ def main(cfg: GpuCheckConfig) -> dict:
 
     from studyrec.data.pipeline import prefetching, training_batches
     from studyrec.errors import EXIT_BAD_INPUT
-    from studyrec.models import MODELS, build
+    from studyrec.models import MODELS, build, memory_options
     from studyrec.sharding import make_mesh, place_batch, shard_params
     from studyrec.config import PRESETS
     from studyrec.train.step import make_optimizer, make_train_step
@@ -96,8 +96,12 @@ def main(cfg: GpuCheckConfig) -> dict:
     log(f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}, {cfg.threads} packing threads")
     preset = PRESETS[cfg.preset]
     seq_len = preset.seq_len
-    packer, vocab = generated_packer(6000, seq_len=seq_len, chunk=preset.chunk_size, vocab_size=preset.data.vocab_size)
-    config = dataclasses.replace(preset, model=cfg.model).model_config(vocab.logits_size, jax.default_backend())
+    preset = dataclasses.replace(preset, model=cfg.model)
+    packer, vocab = generated_packer(
+        6000, seq_len=seq_len, chunk=preset.chunk_size, vocab_size=preset.data.vocab_size,
+        memory=memory_options(cfg.model, preset.arch),
+    )
+    config = preset.model_config(vocab.logits_size, jax.default_backend())
     mesh = make_mesh(1, devices=[dev])
     flops_per_token = decoder_flops_per_token(config, seq_len)["train"]
 

@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
     import jax
     import numpy as np
 
-    from studyrec.models import build
+    from studyrec.models import build, memory_options
     from studyrec.config import PRESETS
 
     preset = PRESETS[args.preset]
@@ -108,10 +108,11 @@ def main(argv: list[str] | None = None) -> dict:
         args.vocab_size, platform
     )
     batch = args.batch or (32 if platform == "cpu" else preset.per_device_batch_size)
-    chunk = args.chunk or min(preset.chunk_size, args.seq_len)
+    chunk = args.chunk or min(dataclasses.replace(preset, model=args.model).chunk_size, args.seq_len)
 
     packer, vocab = generated_packer(
-        3000, seq_len=args.seq_len, chunk=chunk, vocab_size=args.vocab_size - 3, class_size=tuple(args.class_size)
+        3000, seq_len=args.seq_len, chunk=chunk, vocab_size=args.vocab_size - 3, class_size=tuple(args.class_size),
+        memory=memory_options(args.model, config),
     )
     host = packer.random_rows(0, np.arange(batch, dtype=np.int64))
     sample = jax.device_put(host)

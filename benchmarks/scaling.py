@@ -45,12 +45,13 @@ def main(argv: list[str] | None = None) -> dict:
     import jax
 
     from benchmarks.model_step import build_step
-    from studyrec.models import build
+    from studyrec.models import build, memory_options
     from studyrec.config import PRESETS
 
     preset = PRESETS[args.preset]
     platform = jax.default_backend()
     key = jax.random.key(1)
+    memory = memory_options(args.model, preset.arch)
 
     def make(seq_len: int):
         config = dataclasses.replace(preset, model=args.model, seq_len=seq_len, grade_levels=None).model_config(2003, platform)
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     by_seq = []
     for T in args.seq_lens:
         rows = max(1, args.tokens // T)
-        packer, vocab = generated_packer(args.students, seq_len=T, chunk=min(args.chunk, T))
+        packer, vocab = generated_packer(args.students, seq_len=T, chunk=min(args.chunk, T), memory=memory)
         sample = jax.device_put(packer.random_rows(0, np.arange(rows, dtype=np.int64)))
         config, model = make(T)
         step, params = build_step(model, vocab.oov, dropout=not args.no_dropout)
@@ -85,7 +86,9 @@ def main(argv: list[str] | None = None) -> dict:
         config, model = make(T)
         compiled = params = None
         for size in args.class_sizes:
-            packer, vocab = generated_packer(args.students, seq_len=T, chunk=min(args.chunk, T), class_size=(size, size))
+            packer, vocab = generated_packer(
+                args.students, seq_len=T, chunk=min(args.chunk, T), class_size=(size, size), memory=memory
+            )
             B = 1024
             pack_t = timed(lambda: packer.random_rows(0, np.arange(B, dtype=np.int64)), args.repeats)
             host = packer.random_rows(0, np.arange(rows, dtype=np.int64))

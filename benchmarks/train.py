@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     import numpy as np
 
     from studyrec.data.pipeline import prefetching, training_batches
-    from studyrec.models import build
+    from studyrec.models import build, memory_options
     from studyrec.config import PRESETS
     from studyrec.sharding import make_mesh, place_batch, shard_params
     from studyrec.train.step import make_optimizer, make_train_step
@@ -71,8 +71,12 @@ def main(argv: list[str] | None = None) -> dict:
     per_device = args.batch or cfg.per_device_batch_size
     n_dev = jax.device_count()
     global_batch = per_device * n_dev
-    packer, vocab = generated_packer(args.students, seq_len=cfg.seq_len, chunk=cfg.chunk_size, vocab_size=cfg.data.vocab_size)
-    config = dataclasses.replace(cfg, model=args.model).model_config(vocab.logits_size, jax.default_backend())
+    cfg = dataclasses.replace(cfg, model=args.model)
+    packer, vocab = generated_packer(
+        args.students, seq_len=cfg.seq_len, chunk=cfg.chunk_size, vocab_size=cfg.data.vocab_size,
+        memory=memory_options(args.model, cfg.arch),
+    )
+    config = cfg.model_config(vocab.logits_size, jax.default_backend())
 
     mesh = make_mesh(cfg.fsdp)
     model = build(args.model, config, key=jax.random.key(cfg.seed))

@@ -19,7 +19,8 @@ enough not to memorise small data (the best checkpoint by validation accuracy is
 
 DEFAULT_ARCH = ModelConfig(
     num_layers=2, d_model=64, qkv_dim=64, num_heads=4, mlp_dim=256,
-    tie_embeddings=True, copy_head=True, gap_embedding=True, own_bias="auto", dtype="auto", memory_size=32,
+    tie_embeddings=True, copy_head=True, copy_order_bias=True, copy_seen_bias=True, gap_embedding=True, own_bias="auto",
+    dtype="auto", memory_size=32,
 )
 """The training CLI's model: small, with the additions that help on classroom data (see Results)."""
 
@@ -134,7 +135,7 @@ class TrainConfig:
     seq_len: int = 65
     """Tokens per packed classroom row."""
     student_chunk_size: int | None = None
-    """Longest run of one student's interactions in a row (None: the model's default_chunk_size, 16 for individual and 8 for the STUDYs, at most seq_len; a run records the size it used)."""
+    """Longest run of one student's interactions in a row (None: the model's default_chunk_size, 32 for individual and 16 for study, at most seq_len; a run records the size it used)."""
     classmate_chunk_size: int | None = None
     """Focus rows: each row is one student's chunk, then this many of each classmate's latest interactions before its last (most recent first); evaluation and the validation accuracy score that student only (None: every student's chunk alike, as the reference)."""
     per_device_batch_size: int = 32

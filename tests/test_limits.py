@@ -63,8 +63,8 @@ CONFIGS = [
                  id="study-copy-head"),
     pytest.param("study", dict(SMALL, vocab_size=103, recency_bias=True, own_bias=1.0), 128, 2,
                  id="lagfree-long-rows"),
-    pytest.param("study", dict(SMALL, copy_head=True, tie_embeddings=True, memory_size=32), 65, 8,
-                 id="study-memory"),
+    pytest.param("study", dict(SMALL, copy_head=True, copy_order_bias=True, copy_seen_bias=True, tie_embeddings=True,
+                               memory_size=32), 65, 8, id="study-memory"),
 ]
 
 
@@ -93,7 +93,7 @@ def test_estimate_covers_xla_figure_for_the_train_step(model_name, fields, seq_l
 
 @pytest.mark.parametrize("fields", [SMALL, dict(SMALL, copy_head=True, own_bias=1.0, recency_bias=True,
                                                  gap_embedding=True, num_grade_levels=12, tie_embeddings=True),
-                                    dict(SMALL, copy_head=True, memory_size=16)])
+                                    dict(SMALL, copy_head=True, copy_order_bias=True, copy_seen_bias=True, memory_size=16)])
 def test_parameter_count_matches_the_built_model(fields):
     config = ModelConfig(**fields)
     name = "study" if config.memory_size else "study-reference"

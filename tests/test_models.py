@@ -16,7 +16,18 @@ TINY = dict(vocab_size=100, num_layers=2, d_model=32, qkv_dim=32, num_heads=2, m
 
 def model(name, **overrides):
     """An inference-mode model, jitted (eager execution of the scanned blocks is slow)."""
-    return eqx.filter_jit(eqx.nn.inference_mode(build(name, ModelConfig(**{**TINY, **overrides}), key=jax.random.key(0))))
+    return eqx.filter_jit(eqx.nn.inference_mode(awake(build(name, ModelConfig(**{**TINY, **overrides}), key=jax.random.key(0)))))
+
+
+def awake(m):
+    """``m`` with its copy head's order and seen biases away from their neutral start, where it has
+    them, so that a leak through them would show."""
+    copy = m.decoder.copy
+    if copy is not None and copy.order is not None:
+        m = eqx.tree_at(lambda t: t.decoder.copy.order, m, jnp.float32(0.3))
+    if copy is not None and copy.seen is not None:
+        m = eqx.tree_at(lambda t: t.decoder.copy.seen, m, jnp.float32(-0.4))
+    return m
 
 
 def row(titles, segments, timestamps=None, positions=None, grade=0):
@@ -57,8 +68,10 @@ def influence(m, sample: Sample, new_title: int = 42):
     return jnp.any(jnp.abs(jax.vmap(m)(perturbed) - base) > 1e-5, axis=-1)
 
 
-def test_individual_is_causal_within_student():
-    m = model("individual")
+@pytest.mark.parametrize("options", [{}, {"copy_head": True, "copy_order_bias": True, "copy_seen_bias": True}],
+                         ids=["plain", "copy-order-seen"])
+def test_individual_is_causal_within_student(options):
+    m = model("individual", **options)
     s = row(list(range(1, 11)), [1] * 10)
     diffs = np.asarray(influence(m, s))
     for i in range(10):
@@ -67,8 +80,10 @@ def test_individual_is_causal_within_student():
         assert diff[i + 1 :].all(), f"outputs after {i} did not see title {i}"
 
 
-def test_individual_packed_equals_separate():
-    m = model("individual")
+@pytest.mark.parametrize("options", [{}, {"copy_head": True, "copy_order_bias": True, "copy_seen_bias": True}],
+                         ids=["plain", "copy-order-seen"])
+def test_individual_packed_equals_separate(options):
+    m = model("individual", **options)
     packed = row([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [1, 1, 1, 1, 1, 2, 2, 2, 2, 2])
     first = row([1, 2, 3, 4, 5], [1] * 5)
     second = row([6, 7, 8, 9, 10], [1] * 5)
@@ -120,8 +135,9 @@ def test_study_dependency_map_on_reference_fixture():
 
 @pytest.mark.parametrize(
     "options",
-    [{}, {"recency_bias": True}, {"copy_head": True, "gap_embedding": True}],
-    ids=["plain", "recency-bias", "copy-head-gaps"],
+    [{}, {"recency_bias": True}, {"copy_head": True, "gap_embedding": True},
+     {"copy_head": True, "copy_order_bias": True, "copy_seen_bias": True}],
+    ids=["plain", "recency-bias", "copy-head-gaps", "copy-order-seen"],
 )
 def test_study_dependency_map_on_random_rows(options):
     rng = np.random.default_rng(0)
@@ -199,6 +215,26 @@ def test_readout_of_one_hidden_state_is_that_positions_logits(name):
     # No blocks at all: the embeddings themselves (the residual stream before the first block).
     first = eqx.filter_jit(lambda s: m.hidden(s, layers=0))(sample)
     assert not np.allclose(first, hidden)
+
+
+@pytest.mark.parametrize("name", ["individual", "study-reference", "study"])
+def test_copy_order_and_seen_biases_weigh_the_students_own_titles(name):
+    config = ModelConfig(**TINY, copy_head=True, copy_order_bias=True, copy_seen_bias=True)
+    m = build(name, config, key=jax.random.key(2))
+    # Always copy, equal attention; reads 5, 7, 9 on one day, then the position predicting 4.
+    m = eqx.tree_at(lambda t: (t.decoder.copy.gate_bias, t.decoder.copy.wq), m, (jnp.float32(-50.0), jnp.zeros((32, 32))))
+    sample = row([5, 7, 9, 4], [1, 1, 1, 1], [0, 0, 0, 1])
+    probs = lambda m: np.exp(np.asarray(eqx.filter_jit(eqx.nn.inference_mode(m))(sample)))[3]  # noqa: E731
+    np.testing.assert_allclose(probs(m)[[5, 7, 9]], 1 / 3, atol=1e-5)  # both biases start neutral
+    # The order bias prefers the latest of same-day reads: 9, then 7, then 5.
+    ordered = probs(eqx.tree_at(lambda t: t.decoder.copy.order, m, jnp.float32(0.2)))[[9, 7, 5]]
+    assert ordered[0] > ordered[1] > ordered[2]
+    # The seen bias moves every title the student read by the same logit, against the others.
+    gate_open = eqx.tree_at(lambda t: t.decoder.copy.gate_bias, m, jnp.float32(0.0))
+    seen = eqx.tree_at(lambda t: t.decoder.copy.seen, gate_open, jnp.float32(-0.3))
+    shift = np.log(probs(seen)) - np.log(probs(gate_open))
+    np.testing.assert_allclose(shift[[5, 7, 9]] - shift[[1, 2, 3]].mean(), -3.0, atol=1e-4)
+    np.testing.assert_allclose(shift[[1, 2, 3, 4, 50]] - shift[1], 0.0, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["individual", "study-reference", "study"])

@@ -13,8 +13,10 @@ TINY = dict(vocab_size=100, num_layers=2, d_model=32, qkv_dim=32, num_heads=2, m
 
 
 def model(**overrides):
-    """An inference-mode model."""
-    return eqx.nn.inference_mode(Study(ModelConfig(**{**TINY, **overrides}), key=jax.random.key(0)))
+    """An inference-mode model (copy-head biases away from their neutral start: see test_models.awake)."""
+    from test_models import awake
+
+    return eqx.nn.inference_mode(awake(Study(ModelConfig(**{**TINY, **overrides}), key=jax.random.key(0))))
 
 
 def row(titles, segments, timestamps, grade=0):
@@ -81,14 +83,15 @@ def test_reference_fixture_sees_what_study_lags():
     assert not deps[3, 6] and not deps[4, 7]  # same-day classmates stay hidden
 
 
-@pytest.mark.parametrize("copy_head", [False, True], ids=["plain", "copy-head-gaps"])
+@pytest.mark.parametrize("copy_head", [False, True], ids=["plain", "copy-head-gaps-order-seen"])
 def test_dependency_map_is_exact_through_all_layers(copy_head):
     """The fixture and six random rows, in one batched pass through a 2-layer model."""
     fixture = FIXTURE._replace(
         **{f: jnp.pad(getattr(FIXTURE, f), (0, 14)) for f in ("titles", "segments", "timestamps", "positions")}
     )
     rows = [fixture] + [random_row(np.random.default_rng(seed)) for seed in range(6)]
-    diffs = np.asarray(influence(model(copy_head=copy_head, gap_embedding=copy_head), jax.tree.map(lambda *x: jnp.stack(x), *rows)))
+    m = model(copy_head=copy_head, gap_embedding=copy_head, copy_order_bias=copy_head, copy_seen_bias=copy_head)
+    diffs = np.asarray(influence(m, jax.tree.map(lambda *x: jnp.stack(x), *rows)))
     for d, s in zip(diffs, rows):
         assert_exact(d, s)
 

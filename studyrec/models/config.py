@@ -50,6 +50,10 @@ class ModelConfig:
     """Mix the output with a pointer over the titles in view (``CopyHead``: copying a classmate's or one's own read generalises; the reference has none)."""
     copy_bias_gain: float = 10.0
     """The copy head's recency and gate biases learn at this scale: stored divided by it, so Adam moves them by whole logits within a few passes (runs saved before it existed load with 1)."""
+    copy_order_bias: bool = False
+    """A learned copy-head bias on how many of the student's own titles in view came after a title (0 for the latest read), starting at 0: it tells apart same-day reads, whose ages are equal (the reference has none)."""
+    copy_seen_bias: bool = False
+    """A learned logit, starting at 0, added to every title the student's own keys in view carry: how much more (re-reading) or less (ratings, never repeated) likely a title already read is (the reference has none)."""
     gap_embedding: bool = False
     """Embed the time since the student's previous read (``gap_buckets``) into each input (the reference has none)."""
     own_bias: float | None | Literal["auto"] = None

@@ -253,14 +253,21 @@ class CopyHead(eqx.Module):
     gate_bias: Float[Array, ""]
     recency: Float[Array, ""]
     own: Float[Array, ""] | None
+    order: Float[Array, ""] | None
+    seen: Float[Array, ""] | None
     gain: float = eqx.field(static=True)
 
-    def __init__(self, d_model: int, *, own_bias: bool = False, gain: float, key: PRNGKeyArray):
+    def __init__(
+        self, d_model: int, *, own_bias: bool = False, order_bias: bool = False, seen_bias: bool = False, gain: float,
+        key: PRNGKeyArray,
+    ):
         kq, kk = jax.random.split(key)
         self.gain = gain
         self.wq, self.wk = _xavier(kq, d_model, d_model), _xavier(kk, d_model, d_model)
         self.gate, self.gate_bias, self.recency = jnp.zeros(d_model), jnp.zeros(()), jnp.zeros(())
         self.own = jnp.zeros(()) if own_bias else None
+        self.order = jnp.zeros(()) if order_bias else None
+        self.seen = jnp.zeros(()) if seen_bias else None
 
     def __call__(
         self,
@@ -278,10 +285,22 @@ class CopyHead(eqx.Module):
         scores = (q @ self.wq) @ (k @ self.wk).T / math.sqrt(q.shape[-1]) - self.gain * self.recency * log_gap
         if self.own is not None and same_student is not None:
             scores = scores + OWN_BIAS_GAIN * self.own * same_student.astype(self.own.dtype)
+        if self.order is not None and same_student is not None:
+            # How many of the student's own visible titles come after each one: 0 for the latest read,
+            # which same-day reads (equal ages) cannot tell apart by recency alone.
+            own = (visible & same_student).astype(jnp.float32)
+            later = jnp.cumsum(own[:, ::-1], axis=1)[:, ::-1] - own
+            scores = scores - self.gain * self.order * own * jnp.log1p(later)
         copy = jnp.zeros(logits.shape, jnp.float32).at[:, carried].add(_pointer_weights(scores, visible))
         z = q @ self.gate + self.gain * self.gate_bias
         log_vocab = jax.nn.log_softmax(logits, axis=-1)
-        return jnp.where(visible.any(-1)[:, None], _gated(z, log_vocab, _log(copy)), log_vocab)
+        out = jnp.where(visible.any(-1)[:, None], _gated(z, log_vocab, _log(copy)), log_vocab)
+        if self.seen is not None and same_student is not None:
+            # One learned logit for every title the student's own keys in view carry: read again
+            # (re-reading, positive) or not (ratings are never repeated, negative).
+            seen = jnp.zeros(logits.shape, jnp.float32).at[:, carried].max((visible & same_student).astype(jnp.float32))
+            out = jax.nn.log_softmax(out + self.gain * self.seen * seen, axis=-1)
+        return out
 
 
 class MemoryHead(eqx.Module):
@@ -358,7 +377,10 @@ class Decoder(eqx.Module):
         )
         self.gap_embedding = jnp.zeros((GAP_BUCKETS, d)) if config.gap_embedding else None
         self.copy = (
-            CopyHead(d, own_bias=config.own_bias is not None, gain=config.copy_bias_gain, key=jax.random.fold_in(key, 1))
+            CopyHead(
+                d, own_bias=config.own_bias is not None, order_bias=config.copy_order_bias,
+                seen_bias=config.copy_seen_bias, gain=config.copy_bias_gain, key=jax.random.fold_in(key, 1),
+            )
             if config.copy_head
             else None
         )

@@ -36,7 +36,7 @@ class Individual(DecoderModel):
 
     reads_classmates = False
     keys_carry_previous_title = True
-    default_chunk_size = 16  # a quarter row: more rows a step, each prediction still sees 15 earlier reads
+    default_chunk_size = 32  # half a row: each prediction sees up to 31 earlier reads
 
     def mask(self, sample: Sample) -> Bool[Array, "seq seq"]:
         return individual_mask(sample.segments)

@@ -35,7 +35,7 @@ def parameter_count(config: ModelConfig) -> int:
     total += 0 if config.num_grade_levels is None else (config.num_grade_levels + 1) * V
     total += GAP_BUCKETS * d if config.gap_embedding else 0
     if config.copy_head:
-        total += 2 * d * d + d + 2 + int(config.own_bias is not None)
+        total += 2 * d * d + d + 2 + int(config.own_bias is not None) + int(config.copy_order_bias) + int(config.copy_seen_bias)
     if config.memory_size:
         total += d * d + d + 3  # the memory head
     return total
