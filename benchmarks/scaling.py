@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--students", type=int, default=3000)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-dropout", action="store_true", help="inference mode (the fused attention path)")
+    p.add_argument("--memory-size", type=int, default=None, help="classroom memory titles (default: the preset's; 0: none)")
     args = p.parse_args(argv)
 
     import equinox as eqx
@@ -49,6 +50,8 @@ def main(argv: list[str] | None = None) -> dict:
     from studyrec.config import PRESETS
 
     preset = PRESETS[args.preset]
+    if args.memory_size is not None:
+        preset = dataclasses.replace(preset, arch=dataclasses.replace(preset.arch, memory_size=args.memory_size))
     platform = jax.default_backend()
     key = jax.random.key(1)
     memory = memory_options(args.model, preset.arch)
@@ -109,7 +112,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     config, _ = make(65)
     record = {
-        "preset": args.preset, "model": args.model, "dtype": config.dtype, "d_model": config.d_model,
+        "preset": args.preset, "model": args.model, "memory_size": config.memory_size, "dtype": config.dtype,
+        "d_model": config.d_model,
         "num_layers": config.num_layers, "vocab_size": config.vocab_size, "dropout": not args.no_dropout,
         "tokens_per_step": args.tokens, "chunk_size": args.chunk,
         "by_seq_len": by_seq, "by_class_size": by_class,

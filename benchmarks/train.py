@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--students", type=int, default=3000, help="generated students")
     p.add_argument("--threads", type=int, default=2, help="Grain packing threads")
     p.add_argument("--prefetch", type=int, default=0, help="Grain buffer (default: the preset's)")
+    p.add_argument("--memory-size", type=int, default=None, help="classroom memory titles (default: the preset's; 0: none)")
     args = p.parse_args(argv)
 
     import equinox as eqx
@@ -72,6 +73,8 @@ def main(argv: list[str] | None = None) -> dict:
     n_dev = jax.device_count()
     global_batch = per_device * n_dev
     cfg = dataclasses.replace(cfg, model=args.model)
+    if args.memory_size is not None:
+        cfg = dataclasses.replace(cfg, arch=dataclasses.replace(cfg.arch, memory_size=args.memory_size))
     packer, vocab = generated_packer(
         args.students, seq_len=cfg.seq_len, chunk=cfg.chunk_size, vocab_size=cfg.data.vocab_size,
         memory=memory_options(args.model, cfg.arch),
@@ -146,6 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
         "global_batch": global_batch,
         "seq_len": cfg.seq_len,
         "chunk_size": cfg.chunk_size,
+        "memory_size": config.memory_size,
         "vocab_size": config.vocab_size,
         "num_layers": config.num_layers,
         "d_model": config.d_model,

@@ -135,7 +135,7 @@ class TrainConfig:
     seq_len: int = 65
     """Tokens per packed classroom row."""
     student_chunk_size: int | None = None
-    """Longest run of one student's interactions in a row (None: the model's default_chunk_size, 32 for individual and 16 for study, at most seq_len; a run records the size it used)."""
+    """Longest run of one student's interactions in a row (None: the model's default_chunk_size, 32 for individual and study, 8 for study-reference, at most seq_len; a run records the size it used)."""
     classmate_chunk_size: int | None = None
     """Focus rows: each row is one student's chunk, then this many of each classmate's latest interactions before its last (most recent first); evaluation and the validation accuracy score that student only (None: every student's chunk alike, as the reference)."""
     per_device_batch_size: int = 32

@@ -48,9 +48,9 @@ def test_every_preset_loads_and_builds(name):
 def test_presets_match_their_definitions():
     small = parse(["cpu-small"])
     assert (small.arch.num_layers, small.arch.d_model, small.arch.qkv_dim, small.arch.mlp_dim, small.arch.num_heads) == (2, 128, 128, 512, 8)
-    assert (small.seq_len, small.chunk_size, small.per_device_batch_size) == (65, 8, 32)  # study's chunk
+    assert (small.seq_len, small.chunk_size, small.per_device_batch_size) == (65, 32, 32)  # study's chunk
     assert (small.steps, small.epochs) == (None, DEFAULT_EPOCHS)  # passes over the data, not a step count
-    assert parse(["cpu-small", "--model", "individual"]).chunk_size == 16
+    assert parse(["cpu-small", "--model", "study-reference"]).chunk_size == 8
     assert parse(["cpu-small", "--student-chunk-size", "65"]).chunk_size == 65
     paper = parse(["paper", "--steps", "10"])
     assert (paper.arch.num_layers, paper.arch.d_model, paper.per_device_batch_size, paper.learning_rate) == (6, 256, 2048, 0.0016)

@@ -103,7 +103,7 @@ class Study(DecoderModel):
     keys_carry_previous_title = False
     streams = 2
     reads_memory = True
-    default_chunk_size = 16  # a quarter row of the student's own reads; the memory holds the classroom beyond the row
+    default_chunk_size = 32  # half a row of the student's own reads; the memory holds the classroom beyond the row
 
     def mask(self, sample: Sample) -> Bool[Array, "rows seq"]:
         return two_stream_mask(sample.segments, sample.timestamps)
