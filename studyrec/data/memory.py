@@ -5,7 +5,7 @@ hundreds of books in two days. :class:`ClassroomMemory` summarises, for a (class
 the classroom's reads in the ``days`` before that moment, strictly earlier (ties stay hidden, as in
 the attention masks): the ``size`` titles read most often, each with its number of reads and the
 time of its latest read. Reading the summary is reading those interactions with keys that depend
-only on the title and the age; ``studyrec.models.memory.MemoryHead`` reads it.
+only on the title and the age; ``studyrec.models.decoder.MemoryHead`` reads it.
 
 Every read of the classroom counts, the querying student's own included (those are part of its
 visible past anyway), so one summary serves every student of the classroom at that moment.

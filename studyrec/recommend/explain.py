@@ -47,10 +47,11 @@ def last_layer_attention(model: DecoderModel, sample: Sample, query: Int[Array, 
     x, mask, extra, _ = last_block_input(model, sample)
     n = sample.titles.shape[0]
     row = x.shape[0] - n + query  # the predicting stream's row
-    h = last_block(model).ln1(x)
+    block = last_block(model)
+    h = block.ln1(x)
     sees = mask[row].any()
     bias = {k: v[row][None] for k, v in extra.items()}
-    weights = last_block(model).attention.weights(h[row][None], h[:n], (mask[row] | ~sees)[None], **bias)[:, 0]
+    weights = block.attention.weights(h[row][None], h[:n], (mask[row] | ~sees)[None], **bias)[:, 0]
     return jnp.where(sees, weights, 0.0)
 
 
