@@ -35,6 +35,8 @@ COMPARISONS = (
     ("study", "classmates_recent"),
     ("study", "individual"),
     ("study-reference", "classmates_recent_lagged"),
+    ("individual", "knn"),
+    ("study", "knn"),
 )
 
 
