@@ -17,7 +17,7 @@ import numpy as np
 from jaxtyping import Int
 
 from studyrec.data.interactions import Interactions
-from studyrec.data.packing import Sample
+from studyrec.data.packing import Placements, Sample, token_owners
 
 DAY = 86400
 
@@ -59,8 +59,7 @@ class ClassroomMemory:
     @classmethod
     def of(cls, data: Interactions, time_origin: int, *, size: int, days: float, max_reads: int) -> ClassroomMemory:
         """The memory of every interaction in ``data``, timed as rows hold them (seconds from ``time_origin``)."""
-        classroom = np.repeat(data.classroom, np.diff(data.offsets))
-        return cls(classroom, data.timestamps - time_origin, data.titles, size=size, days=days, max_reads=max_reads)
+        return cls(data.classroom[data.student_of], data.timestamps - time_origin, data.titles, size=size, days=days, max_reads=max_reads)
 
     def lookup(
         self, classroom: Int[np.ndarray, " q"], times: Int[np.ndarray, " q"]
@@ -116,3 +115,9 @@ class ClassroomMemory:
         for o, f in zip(out, found):
             o[real] = f
         return sample._replace(memory_titles=out[0], memory_reads=out[1], memory_times=out[2])
+
+    def attach_placed(self, sample: Sample, where: Placements, classroom: Int[np.ndarray, " students"]) -> Sample:
+        """:meth:`attach` for rows composed from ``where``: a token's classroom is its student's,
+        ``classroom[student]``."""
+        owner = token_owners(sample.segments.shape[0], where, sample.segments)
+        return self.attach(sample, np.where(owner >= 0, classroom[np.maximum(owner, 0)], -1))

@@ -235,8 +235,7 @@ class ClassroomPacker:
         also returns each token's source interaction (-1: none)."""
         sample, source = compose(num_rows, where, self.data.titles, self._relative, self.data.grade, self.sep, self.seq_len)
         if self.memory is not None:
-            owner = token_owners(num_rows, where, sample.segments)
-            sample = self.memory.attach(sample, np.where(owner >= 0, self.data.classroom[np.maximum(owner, 0)], -1))
+            sample = self.memory.attach_placed(sample, where, self.data.classroom)
         return sample, source
 
     def random_placements(self, seed: int, rows: np.ndarray) -> Placements:

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from studyrec.data.memory import ClassroomMemory
-from studyrec.data.packing import Placements, Sample, compose, token_owners
+from studyrec.data.packing import Placements, Sample, compose
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,8 +201,7 @@ def compose_queries(
         batch, where, history.titles, history.relative_times, history.grade, sep, layout.seq_len, trailing
     )
     if memory is not None:
-        owner = token_owners(batch, where, sample.segments)
-        sample = memory.attach(sample, np.where(owner >= 0, history.classroom[np.maximum(owner, 0)], -1))
+        sample = memory.attach_placed(sample, where, history.classroom)
     # Every interaction is scored, so ``source`` names them all. With carriers each key carries the
     # title before it in its student's run (nothing at a run's start); else its own.
     prev = np.full_like(source, -1)
