@@ -129,6 +129,8 @@ BAD_FLAGS = [
     pytest.param(["--per-device-batch-size", "0"], ["--per-device-batch-size 0"], id="zero-batch"),
     pytest.param(["--vocab-size", "-5"], ["--vocab-size -5", "0 to keep every title"], id="negative-vocab"),
     pytest.param(["--arch.num-heads", "3"], ["qkv_dim=16", "num_heads=3"], id="heads-not-dividing-qkv"),
+    pytest.param(["--arch.memory-size", "-1"], ["--arch.memory-size -1", "0 for no memory"], id="negative-memory-size"),
+    pytest.param(["--arch.memory-days", "0"], ["--arch.memory-days 0.0", "days above 0"], id="zero-memory-days"),
     pytest.param(["--model", "transformer"], ["--model", "unknown model 'transformer'", "study-reference", "register"], id="unknown-model"),
     pytest.param(["huge"], ["huge", "cpu-small"], id="unknown-preset"),
     pytest.param(["--preset", "cpu-small"], ["presets are subcommands", "experiments.train cpu-small"], id="preset-flag-of-old"),
