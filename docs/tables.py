@@ -10,8 +10,8 @@ docs/results/ and a view::
     ...
     <!-- /table -->
 
-Every table ends with the date, commit and machine of its measurement, so no number in the docs is
-typed by hand or left without its date.
+The first table of each results file on a page ends with the date, commit and machine of the
+measurement, so no number in the docs is typed by hand or left without its date.
 """
 
 from __future__ import annotations
@@ -83,21 +83,31 @@ def headline(entry: dict) -> str:
     return markdown(header, [[label(r), *(r[k] for k in keys)] for r in ordered(rows, HEADLINE)])
 
 
+def per_dataset(entry: dict, table) -> str:
+    """``table(rows of one data set)`` for each data set, titled when there are several."""
+    names = datasets(entry)
+    return "\n".join((f"**{data}**\n\n" if len(names) > 1 else "")
+                     + table(ordered([r for r in entry["result"]["rows"] if r["data"] == data])) for data in names)
+
+
 def models(entry: dict) -> str:
-    """Every model and baseline, with the models' accuracies (memorisation shows as a gap); a table per data set."""
-    header = ["", "all h@1", "all h@5", "all h@20", "novel h@1", "novel h@5", "novel h@20",
-              "selected step: train / valid acc", "last step: train / valid acc"]
-    tables = []
-    for data in datasets(entry):
-        out = []
-        for r in ordered([r for r in entry["result"]["rows"] if r["data"] == data]):
-            selected = f"{r['best step']}: {r['train acc']:.3f} / {r['valid acc']:.3f}" if "best step" in r else ""
-            last = r.get("last train/valid acc", "").replace("/", " / ")
-            out.append([label(r), r["all h@1"], r["all h@5"], r["all h@20"], r["non_history h@1"], r["non_history h@5"],
-                        r["non_history h@20"], selected, last])
-        title = f"**{data}**\n\n" if len(datasets(entry)) > 1 else ""
-        tables.append(title + markdown(header, out))
-    return "\n".join(tables)
+    """hits@1/5/20 of every model and baseline, over all reads and over novel titles."""
+    header = ["", "all h@1", "all h@5", "all h@20", "novel h@1", "novel h@5", "novel h@20"]
+    keys = ["all h@1", "all h@5", "all h@20", "non_history h@1", "non_history h@5", "non_history h@20"]
+    return per_dataset(entry, lambda rows: markdown(header, [[label(r), *(r[k] for k in keys)] for r in rows]))
+
+
+def accuracy(entry: dict) -> str:
+    """The trained models' token accuracies at the selected evaluation and at the last: memorisation shows as a gap."""
+    header = ["", "selected step", "train acc", "valid acc", "last step: train acc", "valid acc"]
+
+    def table(rows):
+        trained = [r for r in rows if "best step" in r]
+        last = [r["last train/valid acc"].split("/") for r in trained]
+        return markdown(header, [[label(r), r["best step"], r["train acc"], r["valid acc"], float(t), float(v)]
+                                 for r, (t, v) in zip(trained, last)])
+
+    return per_dataset(entry, table)
 
 
 def differences(entry: dict) -> str:
@@ -130,15 +140,20 @@ def verdicts(entry: dict) -> str:
     return "".join(lines)
 
 
-VIEWS = {"headline": headline, "models": models, "differences": differences, "verdicts": verdicts}
+VIEWS = {"headline": headline, "models": models, "accuracy": accuracy, "differences": differences, "verdicts": verdicts}
 
 
 def render(text: str) -> str:
-    """``text`` with every marked table rendered anew from its results file."""
+    """``text`` with every marked table rendered anew from its results file; the first table of each
+    file on a page says when, where and how it was measured."""
+    said = set()
+
     def table(match: re.Match) -> str:
         start, name, view, _, end = match.groups()
         entry = load(name)
-        return start + VIEWS[view](entry) + provenance(entry, name) + end
+        where = "" if name in said else provenance(entry, name)
+        said.add(name)
+        return start + VIEWS[view](entry) + where + end
 
     return MARKED.sub(table, text)
 
