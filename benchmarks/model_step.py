@@ -39,14 +39,14 @@ def build_step(model, oov: int, dropout: bool):
     import jax
     import jax.numpy as jnp
 
-    from studyrec.models import batched_logits
+    from studyrec.models import batched_scores
     from studyrec.train.step import weighted_metrics
 
     params, static = eqx.partition(model, eqx.is_inexact_array)
 
     def loss(params, batch, key):
         m = eqx.combine(params, static)
-        sums = weighted_metrics(batched_logits(m, batch, key if dropout else None), batch, oov)
+        sums = weighted_metrics(batched_scores(m, batch, key if dropout else None), batch, oov)
         return sums["loss_sum"] / jnp.maximum(sums["weight"], 1.0)
 
     return jax.jit(jax.grad(loss)), params

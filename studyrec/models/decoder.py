@@ -14,6 +14,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 
 from studyrec.models.config import ModelConfig
+from studyrec.models.mixture import CopyPointer, MemoryPointer, Scores, mixture
 
 
 @functools.cache
@@ -227,17 +228,6 @@ def _pointer_weights(scores: Float[Array, "n m"], visible: Bool[ArrayLike, "n m"
     return weights * visible.astype(jnp.float32)
 
 
-def _log(p: Float[Array, "n vocab"]) -> Float[Array, "n vocab"]:
-    """``log p``, -inf where ``p`` is 0, with no NaN in its gradient."""
-    hit = p > 0
-    return jnp.where(hit, jnp.log(jnp.where(hit, p, 1.0)), -jnp.inf)
-
-
-def _gated(z: Float[Array, " n"], first: Float[Array, "n vocab"], second: Float[Array, "n vocab"]) -> Float[Array, "n vocab"]:
-    """``log(g * exp(first) + (1 - g) * exp(second))`` with ``g = sigmoid(z)``, row by row."""
-    return jnp.logaddexp(jax.nn.log_sigmoid(z)[:, None] + first, jax.nn.log_sigmoid(-z)[:, None] + second)
-
-
 class CopyHead(eqx.Module):
     """A pointer over the titles a position may see, as in pointer-generator networks.
 
@@ -269,38 +259,35 @@ class CopyHead(eqx.Module):
         self.order = jnp.zeros(()) if order_bias else None
         self.seen = jnp.zeros(()) if seen_bias else None
 
-    def __call__(
+    def pointer(
         self,
         queries: Float[Array, "n d"],
         keys: Float[Array, "m d"],
         carried: Int[ArrayLike, " m"],
         mask: Bool[Array, "n m"],
         log_gap: Float[Array, "n m"],
-        logits: Float[Array, "n vocab"],
         same_student: Bool[ArrayLike, "n m"] | None = None,
-    ) -> Float[Array, "n vocab"]:
-        """Log-probabilities; rows that may see no title (a student's first read) keep ``logits``' softmax."""
+    ) -> CopyPointer:
+        """The pointer and gate at each query (``studyrec.models.mixture`` mixes them into the output)."""
         q, k = queries.astype(jnp.float32), keys.astype(jnp.float32)
         visible = mask & (carried > 0)[None, :]
         scores = (q @ self.wq) @ (k @ self.wk).T / math.sqrt(q.shape[-1]) - self.gain * self.recency * log_gap
         if self.own is not None and same_student is not None:
             scores = scores + OWN_BIAS_GAIN * self.own * same_student.astype(self.own.dtype)
-        if self.order is not None and same_student is not None:
+        own = None if same_student is None else visible & same_student
+        if self.order is not None and own is not None:
             # How many of the student's own visible titles come after each one: 0 for the latest read,
             # which same-day reads (equal ages) cannot tell apart by recency alone.
-            own = (visible & same_student).astype(jnp.float32)
-            later = jnp.cumsum(own[:, ::-1], axis=1)[:, ::-1] - own
-            scores = scores - self.gain * self.order * own * jnp.log1p(later)
-        copy = jnp.zeros(logits.shape, jnp.float32).at[:, carried].add(_pointer_weights(scores, visible))
-        z = q @ self.gate + self.gain * self.gate_bias
-        log_vocab = jax.nn.log_softmax(logits, axis=-1)
-        out = jnp.where(visible.any(-1)[:, None], _gated(z, log_vocab, _log(copy)), log_vocab)
-        if self.seen is not None and same_student is not None:
-            # One learned logit for every title the student's own keys in view carry: read again
-            # (re-reading, positive) or not (ratings are never repeated, negative).
-            seen = jnp.zeros(logits.shape, jnp.float32).at[:, carried].max((visible & same_student).astype(jnp.float32))
-            out = jax.nn.log_softmax(out + self.gain * self.seen * seen, axis=-1)
-        return out
+            own_f = own.astype(jnp.float32)
+            later = jnp.cumsum(own_f[:, ::-1], axis=1)[:, ::-1] - own_f
+            scores = scores - self.gain * self.order * own_f * jnp.log1p(later)
+        # One learned logit for every title the student's own keys in view carry: read again
+        # (re-reading, positive) or not (ratings are never repeated, negative).
+        seen = self.seen is not None and own is not None
+        return CopyPointer(
+            jnp.asarray(carried), _pointer_weights(scores, visible), q @ self.gate + self.gain * self.gate_bias,
+            visible.any(-1), own if seen else None, self.gain * self.seen if seen else None,
+        )
 
 
 class MemoryHead(eqx.Module):
@@ -326,7 +313,7 @@ class MemoryHead(eqx.Module):
         self.reads = jnp.full((), 1.0 / gain, jnp.float32)
         self.recency, self.gate, self.gate_bias = jnp.zeros(()), jnp.zeros(d_model), jnp.zeros(())
 
-    def __call__(
+    def pointer(
         self,
         queries: Float[Array, "n d"],
         embeddings: Float[Array, "vocab d"],
@@ -334,17 +321,14 @@ class MemoryHead(eqx.Module):
         reads: Int[ArrayLike, "n k"],
         log_gap: Float[Array, "n k"],
         visible: Bool[ArrayLike, "n k"],
-        log_probs: Float[Array, "n vocab"],
-    ) -> Float[Array, "n vocab"]:
-        """Log-probabilities; rows with an empty memory keep ``log_probs``."""
+    ) -> MemoryPointer:
+        """The pointer and gate at each query; a query with an empty memory keeps what precedes it."""
         q = queries.astype(jnp.float32)
         affinity = jnp.einsum("nd,nkd->nk", q @ self.wq, embeddings[titles].astype(jnp.float32)) / math.sqrt(q.shape[-1])
         count = jnp.log(jnp.maximum(reads, 1).astype(jnp.float32))
         scores = affinity + self.gain * (self.reads * count - self.recency * log_gap)
-        weights = _pointer_weights(scores, visible)
-        pointer = jnp.zeros(log_probs.shape, jnp.float32).at[jnp.arange(q.shape[0])[:, None], titles].add(weights)
-        z = q @ self.gate + self.gain * self.gate_bias
-        return jnp.where(visible.any(-1)[:, None], _gated(z, _log(pointer), log_probs), log_probs)
+        gate = q @ self.gate + self.gain * self.gate_bias
+        return MemoryPointer(jnp.asarray(titles), _pointer_weights(scores, visible), gate, jnp.asarray(visible).any(-1))
 
 
 class Decoder(eqx.Module):
@@ -540,6 +524,32 @@ class DecoderModel(eqx.Module):
         """For the copy head: the title each position carries, when it was read, and which positions each query may copy from."""
         raise NotImplementedError(f"{type(self).__name__} has no copy head")
 
+    def scores_at(self, sample, hidden: Float[Array, "seq d"], rows: Int[Array, " n"] | None = None) -> Scores:
+        """The output distribution at ``rows`` (default: every position) from ``hidden(sample)``, factored
+        (:class:`studyrec.models.mixture.Scores`): training reads the targets' log-probabilities from it
+        without writing out the vocabulary."""
+        decoder = self.decoder
+        if decoder.copy is None and decoder.memory is None:
+            return mixture(decoder.readout(hidden if rows is None else hidden[rows], sample.grade_level))
+        keys = decoder.final_ln(hidden)  # normalised once: the copy head's keys, and the queries at rows
+        pick = (lambda a: a) if rows is None else (lambda a: a[rows])  # noqa: E731
+        queries = pick(keys)
+        logits = decoder.project(queries, sample.grade_level)
+        copy = memory = None
+        if decoder.copy is not None:
+            carried, read_at, mask = self.copy_sources(sample)
+            gap = recency_gap(sample.timestamps, read_at)  # the age of each carried read at each query
+            same = sample.segments[:, None] == sample.segments[None, :]
+            copy = decoder.copy.pointer(queries, keys, carried, pick(mask), pick(gap), pick(same))
+        if decoder.memory is not None and sample.memory_titles is not None:  # no memory given: an empty one
+            titles, times = pick(sample.memory_titles), pick(sample.memory_times)
+            now = pick(sample.timestamps)[:, None]
+            # Packing puts only strictly earlier reads in a token's memory; the mask says so again.
+            visible = (titles > 0) & (times < now)
+            gap = jnp.log1p(jnp.maximum(now - times, 0).astype(jnp.float32) / 86400.0)
+            memory = decoder.memory.pointer(queries, decoder.embedding, titles, pick(sample.memory_reads), gap, visible)
+        return mixture(logits, copy, memory)
+
     def logits_at(
         self, sample, hidden: Float[Array, "seq d"], rows: Int[Array, " n"] | None = None
     ) -> Float[Array, "n vocab"]:
@@ -548,25 +558,11 @@ class DecoderModel(eqx.Module):
         decoder = self.decoder
         if decoder.copy is None and decoder.memory is None:
             return decoder.readout(hidden if rows is None else hidden[rows], sample.grade_level)
-        keys = decoder.final_ln(hidden)  # normalised once: the copy head's keys, and the queries at rows
-        pick = (lambda a: a) if rows is None else (lambda a: a[rows])  # noqa: E731
-        queries = pick(keys)
-        scores = decoder.project(queries, sample.grade_level)
-        if decoder.copy is not None:
-            carried, read_at, mask = self.copy_sources(sample)
-            gap = recency_gap(sample.timestamps, read_at)  # the age of each carried read at each query
-            same = sample.segments[:, None] == sample.segments[None, :]
-            scores = decoder.copy(queries, keys, carried, pick(mask), pick(gap), scores, pick(same))
-        else:
-            scores = jax.nn.log_softmax(scores, axis=-1)
-        if decoder.memory is not None and sample.memory_titles is not None:  # no memory given: an empty one
-            titles, times = pick(sample.memory_titles), pick(sample.memory_times)
-            now = pick(sample.timestamps)[:, None]
-            # Packing puts only strictly earlier reads in a token's memory; the mask says so again.
-            visible = (titles > 0) & (times < now)
-            gap = jnp.log1p(jnp.maximum(now - times, 0).astype(jnp.float32) / 86400.0)
-            scores = decoder.memory(queries, decoder.embedding, titles, pick(sample.memory_reads), gap, visible, scores)
-        return scores
+        return self.scores_at(sample, hidden, rows).log_probs()
+
+    def scores(self, sample, *, key: PRNGKeyArray | None = None) -> Scores:
+        """:meth:`scores_at` every position of one packed row (dropout with ``key``)."""
+        return self.scores_at(sample, self.hidden(sample, key=key))
 
     def __call__(self, sample, *, key: PRNGKeyArray | None = None) -> Float[Array, "seq vocab"]:
         """Scores at every position of one packed row (a ``studyrec.data.packing.Sample``)."""

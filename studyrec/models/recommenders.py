@@ -11,6 +11,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 
 from studyrec.data.packing import Sample
 from studyrec.models.decoder import DecoderModel
+from studyrec.models.mixture import Scores
 from studyrec.models.masks import individual_mask, study_mask
 from studyrec.models.registry import register
 
@@ -86,3 +87,11 @@ def batched_logits(model: DecoderModel, batch: Sample, key: PRNGKeyArray | None 
         return jax.vmap(model)(batch)
     keys = jax.random.split(key, batch.titles.shape[0])
     return jax.vmap(lambda sample, k: model(sample, key=k))(batch, keys)
+
+
+def batched_scores(model: DecoderModel, batch: Sample, key: PRNGKeyArray | None = None) -> Scores:
+    """The model's output distribution at every position of every row, factored (dropout with ``key``)."""
+    if key is None:
+        return jax.vmap(lambda sample: model.scores(sample))(batch)
+    keys = jax.random.split(key, batch.titles.shape[0])
+    return jax.vmap(lambda sample, k: model.scores(sample, key=k))(batch, keys)

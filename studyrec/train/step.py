@@ -9,7 +9,7 @@ import optax
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from studyrec.data.packing import Sample
-from studyrec.models import DecoderModel, batched_logits
+from studyrec.models import DecoderModel, Scores, batched_scores
 
 
 def schedule(peak: float, warmup: int, decay: str = "rsqrt", steps: int | None = None) -> optax.Schedule:
@@ -61,18 +61,18 @@ def make_optimizer(
     return optax.chain(optax.clip_by_global_norm(grad_clip), adamw) if grad_clip else adamw
 
 
-def weighted_metrics(
-    logits: Float[Array, "batch seq vocab"], batch: Sample, oov: int, first_only: bool = False
-) -> dict[str, Float[Array, ""]]:
+def weighted_metrics(scores: Scores, batch: Sample, oov: int, first_only: bool = False) -> dict[str, Float[Array, ""]]:
     """Token sums over the whole (global) batch: loss, correct, correct ignoring OOV, and the weight.
 
     Targets are every real token (separators and padding excluded, OOV included, as the reference),
     or with ``first_only`` the tokens of each row's first student (the one a focus row is about).
+    The loss reads the targets' log-probabilities; only the accuracy's argmax writes out the vocabulary.
     """
     weights = ((batch.segments == 1) if first_only else (batch.segments > 0)).astype(jnp.float32)
     targets = batch.titles
-    xent = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
-    correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32) * weights
+    xent = -scores.at(targets)
+    predicted = jnp.argmax(jax.lax.stop_gradient(scores.log_probs()), -1)
+    correct = (predicted == targets).astype(jnp.float32) * weights
     return {
         "loss_sum": jnp.sum(xent * weights),
         "correct": jnp.sum(correct),
@@ -95,7 +95,7 @@ def make_train_step(optimizer: optax.GradientTransformation, oov: int):
     """``step(model, opt_state, batch, key) -> (model, opt_state, metrics)``, jitted, buffers donated."""
 
     def loss_fn(model, batch, key):
-        sums = weighted_metrics(batched_logits(model, batch, key), batch, oov)
+        sums = weighted_metrics(batched_scores(model, batch, key), batch, oov)
         return sums["loss_sum"] / jnp.maximum(sums["weight"], 1.0), sums
 
     @eqx.filter_jit(donate="all")
@@ -112,4 +112,4 @@ def make_train_step(optimizer: optax.GradientTransformation, oov: int):
 @eqx.filter_jit
 def eval_sums(model: DecoderModel, batch: Sample, oov: int, first_only: bool = False) -> dict[str, Array]:
     """Metric sums of the inference-mode model on one batch."""
-    return weighted_metrics(batched_logits(model, batch, None), batch, oov, first_only)
+    return weighted_metrics(batched_scores(model, batch, None), batch, oov, first_only)
