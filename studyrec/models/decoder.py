@@ -224,22 +224,23 @@ class Block(eqx.Module):
     def __call__(
         self,
         x: Float[Array, "rows d"],
-        mask: Bool[Array, "rows seq"],
+        mask: Bool[Array, "out seq"],
         *,
         key: PRNGKeyArray | None,
         attend: Callable | None = None,
         **bias_inputs,
-    ) -> Float[Array, "rows d"]:
+    ) -> Float[Array, "out d"]:
         """``bias_inputs``: ``Attention``'s ``log_gap`` and ``same_student``, where the model has those biases.
 
         ``attend(attention, h, mask, key=..., **bias_inputs)`` replaces self-attention (the two-stream
-        model's queries read only the content stream).
+        model's queries read only the content stream). It may return fewer rows than ``x``, the last
+        ones: only those go on (the other rows then served only as keys and values).
         """
         ka, kd, km = (None, None, None) if key is None else jax.random.split(key, 3)
         h = self.ln1(x)
         attend = type(self.attention).__call__ if attend is None else attend
         attended = attend(self.attention, h, mask, key=ka, **bias_inputs)
-        x = x + self.dropout(attended, key=kd)
+        x = x[x.shape[0] - attended.shape[0] :] + self.dropout(attended, key=kd)
         return x + self.mlp(self.ln2(x), key=km)
 
 
@@ -419,19 +420,26 @@ class Decoder(eqx.Module):
         *,
         key: PRNGKeyArray | None = None,
         layers: int | None = None,
-    ) -> Float[Array, "rows d"]:
-        """The first ``layers`` blocks (default: all) under ``lax.scan``; ``block_fn(block, x, key)`` applies one."""
+        last_fn: Callable[[Block, Float[Array, "rows d"], PRNGKeyArray | None], Float[Array, "out d"]] | None = None,
+    ) -> Float[Array, "out d"]:
+        """The first ``layers`` blocks (default: all) under ``lax.scan``; ``block_fn(block, x, key)`` applies one.
+
+        ``last_fn``, when given, applies the last of them instead (it may return fewer rows)."""
         layers = self.config.num_layers if layers is None else layers
         params, static = eqx.partition(self.blocks, eqx.is_array)
-        params = jax.tree.map(lambda a: a[:layers], params)
-        layer_keys = None if key is None else jax.random.split(key, self.config.num_layers)[:layers]
+        layer_keys = None if key is None else jax.random.split(key, self.config.num_layers)
+        scanned = layers - (last_fn is not None)
 
         def layer(x, xs):
             block_params, layer_key = xs
             return block_fn(eqx.combine(block_params, static), x, layer_key), None
 
-        x, _ = jax.lax.scan(layer, x, (params, layer_keys))
-        return x
+        take = lambda a, n: None if a is None else jax.tree.map(lambda leaf: leaf[:n], a)  # noqa: E731
+        x, _ = jax.lax.scan(layer, x, (take(params, scanned), take(layer_keys, scanned)))
+        if last_fn is None:
+            return x
+        last = eqx.combine(jax.tree.map(lambda leaf: leaf[scanned], params), static)
+        return last_fn(last, x, None if layer_keys is None else layer_keys[scanned])
 
     def bias_inputs(self, timestamps: Int[ArrayLike, " seq"] | None, segments: Int[ArrayLike, " seq"] | None) -> dict:
         """``Attention.score_bias``'s inputs for this model: ``log_gap`` (recency bias), ``same_student`` (own bias)."""

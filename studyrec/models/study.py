@@ -59,19 +59,21 @@ def two_stream_mask(segments: Int[ArrayLike, " seq"], timestamps: Int[ArrayLike,
 def two_stream_attention(
     attention: Attention,
     x: Float[Array, "rows d"],
-    mask: Bool[Array, "rows seq"],
+    mask: Bool[Array, "queries seq"],
     *,
     key: PRNGKeyArray | None,
     **bias_inputs,
-) -> Float[Array, "rows d"]:
+) -> Float[Array, "queries d"]:
     """``Attention`` with queries from both streams ``x = [h; g]`` and keys and values from ``h`` only.
 
-    A row that may see nothing (separators, padding, a first read with no earlier classmate read)
+    The queries are the last ``mask.shape[0]`` rows of ``x``: all of them, or the query stream alone
+    (the last layer, whose content-stream output nothing reads). A row that may see nothing (separators, padding, a first read with no earlier classmate read)
     reads nothing: its output is zero, so no softmax over an empty set spreads over hidden keys.
-    ``bias_inputs`` (``2*seq`` by ``seq``) feed ``Attention.score_bias``.
+    ``bias_inputs`` (one row per query) feed ``Attention.score_bias``.
     """
     sees = mask.any(axis=1)
-    out = attention.attend(x, x[: mask.shape[1]], mask | ~sees[:, None], key=key, **bias_inputs)
+    queries = x[x.shape[0] - mask.shape[0] :]  # both streams, or the query stream alone
+    out = attention.attend(queries, x[: mask.shape[1]], mask | ~sees[:, None], key=key, **bias_inputs)
     return jnp.where(sees[:, None], out, jnp.zeros((), x.dtype))
 
 
@@ -125,10 +127,15 @@ class Study(DecoderModel):
         return x, mask, extra, block_fn
 
     def hidden(self, sample: Sample, *, key: PRNGKeyArray | None = None, layers: int | None = None) -> Float[Array, "seq d"]:
-        """The query stream's states (the content stream only feeds it)."""
+        """The query stream's states (the content stream only feeds it: the last block computes no content)."""
         ke, kb = (None, None) if key is None else jax.random.split(key)
-        x, _, _, block_fn = self._streams(sample, ke)
-        return self.decoder.transform(x, block_fn, key=kb, layers=layers)[sample.titles.shape[0]:]
+        x, mask, extra, block_fn = self._streams(sample, ke)
+        seq = sample.titles.shape[0]
+        query_rows = {name: v[seq:] for name, v in extra.items()}
+        last_fn = lambda block, x, k: block(x, mask[seq:], key=k, attend=two_stream_attention, **query_rows)  # noqa: E731
+        if layers is not None and layers < self.decoder.config.num_layers:
+            return self.decoder.transform(x, block_fn, key=kb, layers=layers)[seq:]
+        return self.decoder.transform(x, block_fn, key=kb, last_fn=last_fn)
 
     def last_block_input(self, sample: Sample):
         """Both streams before the last block (the query stream last), its mask, biases and attention."""
