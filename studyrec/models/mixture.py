@@ -120,7 +120,8 @@ def mixture(
     seen_c, seen_m, log_z = jnp.zeros_like(logp_c), jnp.zeros_like(logp_m), zero
     if copy.seen_bias is not None:
         (own_c, own_m), _ = at_slots(copy.own.astype(f32), memory.weights)
-        first = copy.own & ~_earlier_duplicate(cc & copy.own[:, :, None])  # each seen title once
+        earlier = (cc & (jnp.arange(c.shape[0])[:, None] < jnp.arange(c.shape[0])[None, :])).astype(f32)
+        first = copy.own & (copy.own.astype(f32) @ earlier == 0)  # each seen title once
         p1 = jnp.exp(jnp.logaddexp(la1[:, None] + logp_c, lb1[:, None] + _log(copy_c)))
         mass = jnp.sum(jnp.where(first, p1, 0.0), -1)  # p1's mass on the seen titles
         log_z = jnp.logaddexp(_log(jnp.maximum(1.0 - mass, 0.0)), copy.seen_bias + _log(mass))
