@@ -94,22 +94,30 @@ def mixture(
     if memory is None:
         memory = MemoryPointer(jnp.zeros((n, 0), jnp.int32), jnp.zeros((n, 0), f32), zero, jnp.zeros(n, bool))
     c, mt = copy.titles, memory.titles
-    # Which slots hold the same title: copy-copy (one matrix for every position), copy-memory, memory-memory.
+    m = c.shape[0]
+    slot = jnp.arange(m)
+    # Which slots hold the same title: copy-copy (one matrix for every position) and memory-memory;
+    # a memory slot's title among the copy slots is found by the first copy slot holding it (m: none).
     cc = (c[:, None] == c[None, :]) & (c > 0)[:, None]
-    cm = (c[None, :, None] == mt[:, None, :]) & (mt > 0)[:, None, :]
     mm = (mt[:, :, None] == mt[:, None, :]) & (mt > 0)[:, :, None]
+    first_of = jnp.where(c > 0, jnp.min(jnp.where(cc, slot[:, None], m), 0, initial=m), m + 1)
+    found = jnp.where(mt > 0, jnp.min(jnp.where(c[None, :, None] == mt[:, None, :], slot[None, :, None], m), 1, initial=m), m)
     cc_f = cc.astype(f32)
 
-    def at_slots(w_copy, w_mem):
-        """Sums of copy-slot weights and memory-slot weights over the slots holding each slot's title.
+    def at_copy_slots(w):
+        """Sums of copy-slot weights over the copy slots holding each copy slot's and each memory slot's title."""
+        at_c = w @ cc_f
+        return at_c, jnp.take_along_axis(jnp.pad(at_c, ((0, 0), (0, 1))), found, -1)
 
-        Masked sums rather than einsums: XLA fuses them into one loop each instead of a batch of tiny matmuls."""
-        return (w_copy @ cc_f, jnp.sum(jnp.where(cm, w_copy[:, :, None], 0.0), 1)), (
-            jnp.sum(jnp.where(cm, w_mem[:, None, :], 0.0), 2),
-            jnp.sum(jnp.where(mm, w_mem[:, :, None], 0.0), 1),
+    def at_memory_slots(w):
+        """Sums of memory-slot weights over the memory slots holding each copy slot's and each memory slot's title."""
+        return (
+            jnp.sum(jnp.where(found[:, None, :] == first_of[None, :, None], w[:, None, :], 0.0), -1),
+            jnp.sum(jnp.where(mm, w[:, :, None], 0.0), 1),
         )
 
-    (copy_c, copy_m), (mem_c, mem_m) = at_slots(copy.weights, memory.weights)
+    copy_c, copy_m = at_copy_slots(copy.weights)
+    mem_c, mem_m = at_memory_slots(memory.weights)
     la1 = jnp.where(copy.present, jax.nn.log_sigmoid(copy.gate), zero)  # the vocabulary's share
     lb1 = jnp.where(copy.present, jax.nn.log_sigmoid(-copy.gate), none)  # the copy pointer's
     la3 = jnp.where(memory.present, jax.nn.log_sigmoid(-memory.gate), zero)  # what precedes the memory
@@ -119,8 +127,8 @@ def mixture(
 
     seen_c, seen_m, log_z = jnp.zeros_like(logp_c), jnp.zeros_like(logp_m), zero
     if copy.seen_bias is not None:
-        (own_c, own_m), _ = at_slots(copy.own.astype(f32), memory.weights)
-        earlier = (cc & (jnp.arange(c.shape[0])[:, None] < jnp.arange(c.shape[0])[None, :])).astype(f32)
+        own_c, own_m = at_copy_slots(copy.own.astype(f32))
+        earlier = (cc & (slot[:, None] < slot[None, :])).astype(f32)
         first = copy.own & (copy.own.astype(f32) @ earlier == 0)  # each seen title once
         p1 = jnp.exp(jnp.logaddexp(la1[:, None] + logp_c, lb1[:, None] + _log(copy_c)))
         mass = jnp.sum(jnp.where(first, p1, 0.0), -1)  # p1's mass on the seen titles
@@ -138,7 +146,7 @@ def mixture(
 
     unused = jnp.int32(vocab)
     keep_c = (c > 0) & ~_earlier_duplicate(cc)
-    keep_m = (mt > 0) & ~cm.any(1) & ~_earlier_duplicate(mm)
+    keep_m = (mt > 0) & (found == m) & ~_earlier_duplicate(mm)
     titles = jnp.concatenate([jnp.where(keep_c, c, unused)[None].repeat(n, 0), jnp.where(keep_m, mt, unused)], -1)
     slot_values = jnp.concatenate([values(logp_c, seen_c, copy_c, mem_c), values(logp_m, seen_m, copy_m, mem_m)], -1)
     return Scores(logits, log_a - lse, titles, slot_values)
