@@ -4,12 +4,14 @@
     python -m benchmarks.eval_throughput --students 20000 --preset cpu-small
 
 Evaluation is what ``experiments.train`` runs at the end (valid-only context): encode the
-validation split, ``eval_layout()``, ``model_eval.predict_topk`` (Grain-prefetched batches, top-k
+validation split, pack it with the model's classroom memory, ``eval_layout()``, ``model_eval.predict_topk`` (Grain-prefetched batches, top-k
 on the device) and ``model_eval.score`` + ``tables``. Recommendation is ``Run.recommend`` (one
 query row per student, as of just after the training split) when ``studyrec.recommend`` has it; it is
 skipped otherwise. The model is freshly initialised (throughput does not depend on the weights).
 ``train_tokens_per_s`` is a training step of the same model timed in the same run, so
-``eval_vs_train_tokens`` says whether evaluation keeps pace with training (>= 1).
+``eval_vs_train_tokens`` says whether evaluation keeps pace with training (>= 1). The digests of
+the top-k, the metrics table and the recommendations tell whether two versions give the same results
+(same seed, same model).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 
 import argparse
+import hashlib
 import statistics
 import time
 
@@ -49,7 +52,8 @@ def main(argv: list[str] | None = None) -> dict:
     from studyrec.data import ClassroomPacker, Interactions, Vocabulary, make_chunks
     from studyrec.data.generate import GenerateConfig, generate
     from studyrec.evaluate import model_eval
-    from studyrec.models import build
+    from studyrec.data.memory import ClassroomMemory
+    from studyrec.models import build, memory_options
     from studyrec.config import PRESETS
     from studyrec.sharding import make_mesh, place_batch, shard_params
     from studyrec.train.step import make_optimizer, make_train_step
@@ -76,7 +80,9 @@ def main(argv: list[str] | None = None) -> dict:
     # --- evaluation: the final pass of experiments.train (valid-only context) ----------------------
     t0 = time.perf_counter()
     data = Interactions.from_frame(valid, vocab, gen.student_info, gen.school_info, cfg.data.classroom_grouping)
-    packer = ClassroomPacker(data, make_chunks(data, cfg.chunk_size), cfg.seq_len, vocab.sep, origin)
+    options = memory_options(args.model, cfg.arch)  # the classroom memory, as experiments.train packs it
+    memory = None if options is None else ClassroomMemory.of(data, origin, **options)
+    packer = ClassroomPacker(data, make_chunks(data, cfg.chunk_size), cfg.seq_len, vocab.sep, origin, memory=memory)
     layout = packer.eval_layout()
     t1 = time.perf_counter()
     # Compile on one batch first, so the timed pass is steady state (compile time reported apart).
@@ -126,6 +132,10 @@ def main(argv: list[str] | None = None) -> dict:
         "eval_seconds": {"layout": t1 - t0, "compile": t2 - t1, "predict": t3 - t2, "score": t4 - t3},
         "train_tokens_per_s": train_tokens_per_s,
         "eval_vs_train_tokens": eval_tokens / (t3 - t2) / train_tokens_per_s,
+        "memory_size": 0 if memory is None else memory.size,
+        # The same seed gives the same model: equal digests mean the same titles, in the same order.
+        "topk_sha256": hashlib.sha256(np.ascontiguousarray(topk).tobytes()).hexdigest()[:16],
+        "aggregate_sha256": hashlib.sha256(aggregate.to_csv(index=False).encode()).hexdigest()[:16],
     }
 
     # --- recommendation through Run.recommend, when it exists --------------------------------------
@@ -168,6 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
         record.update({
             "recommend_students": n_rec, "recommend_batch": args.recommend_batch or "auto",
             "recommend_s": rec_s, "recommend_students_per_s": n_rec / rec_s,
+            "recommend_sha256": hashlib.sha256(recs[["StudentID", "rank", "title"]].to_csv(index=False).encode()).hexdigest()[:16],
         })
         log(f"  recommend: {n_rec:,} students in {rec_s:.1f}s")
     record["peak_rss_mb"] = peak_rss_mb()
