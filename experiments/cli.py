@@ -12,6 +12,7 @@ first log line says where. ``STUDYREC_COMPILATION_CACHE`` moves it (a folder) or
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import io
 import logging
 import os
@@ -34,6 +35,21 @@ def setup_logging() -> None:
     # Grain reads absl flags; mark them parsed so it works outside absl.app.
     absl_flags.FLAGS.mark_as_parsed()
     enable_compilation_cache()
+    return_large_buffers()
+
+
+LARGE_BUFFER = 8 << 20
+"""Bytes from which glibc serves an allocation from its own mapping (``return_large_buffers``)."""
+
+
+def return_large_buffers() -> None:
+    """Fixes glibc's mmap threshold at ``LARGE_BUFFER``, so freed step buffers go back to the system.
+
+    Otherwise glibc raises the threshold after the first large free and keeps XLA's freed buffers
+    in its heap: about 40 MB more peak RSS for a ``cpu-small`` run. Not glibc: nothing to do.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallopt(-3, LARGE_BUFFER)  # M_MMAP_THRESHOLD
 
 
 CACHE_OFF = ("off", "0", "false", "no", "none")
