@@ -28,6 +28,11 @@ import numpy as np
 from benchmarks.common import Stopwatch, emit, log, peak_rss_mb, train_steps
 
 
+def digest(data: bytes) -> str:
+    """A short SHA-256 of ``data``: equal digests, equal results."""
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
 def main(argv: list[str] | None = None) -> dict:
     from studyrec.models import MODELS
 
@@ -134,8 +139,8 @@ def main(argv: list[str] | None = None) -> dict:
         "eval_vs_train_tokens": eval_tokens / (t3 - t2) / train_tokens_per_s,
         "memory_size": 0 if memory is None else memory.size,
         # The same seed gives the same model: equal digests mean the same titles, in the same order.
-        "topk_sha256": hashlib.sha256(np.ascontiguousarray(topk).tobytes()).hexdigest()[:16],
-        "aggregate_sha256": hashlib.sha256(aggregate.to_csv(index=False).encode()).hexdigest()[:16],
+        "topk_sha256": digest(np.ascontiguousarray(topk).tobytes()),
+        "aggregate_sha256": digest(aggregate.to_csv(index=False).encode()),
     }
 
     # --- recommendation through Run.recommend, when it exists --------------------------------------
@@ -178,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
         record.update({
             "recommend_students": n_rec, "recommend_batch": args.recommend_batch or "auto",
             "recommend_s": rec_s, "recommend_students_per_s": n_rec / rec_s,
-            "recommend_sha256": hashlib.sha256(recs[["StudentID", "rank", "title"]].to_csv(index=False).encode()).hexdigest()[:16],
+            "recommend_sha256": digest(recs[["StudentID", "rank", "title"]].to_csv(index=False).encode()),
         })
         log(f"  recommend: {n_rec:,} students in {rec_s:.1f}s")
     record["peak_rss_mb"] = peak_rss_mb()

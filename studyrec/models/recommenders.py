@@ -81,17 +81,19 @@ class StudyReference(Individual):
         return study_mask(sample.segments, sample.timestamps)
 
 
+def _every_row(per_row, batch: Sample, key: PRNGKeyArray | None):
+    """``per_row(sample, key=...)`` over the rows of a batch, each with its own dropout key (none without ``key``)."""
+    if key is None:
+        return jax.vmap(lambda sample: per_row(sample, key=None))(batch)
+    keys = jax.random.split(key, batch.titles.shape[0])
+    return jax.vmap(lambda sample, k: per_row(sample, key=k))(batch, keys)
+
+
 def batched_logits(model: DecoderModel, batch: Sample, key: PRNGKeyArray | None = None) -> Float[Array, "batch seq vocab"]:
     """The model's scores at every position of every row of a batch (dropout with ``key``)."""
-    if key is None:
-        return jax.vmap(model)(batch)
-    keys = jax.random.split(key, batch.titles.shape[0])
-    return jax.vmap(lambda sample, k: model(sample, key=k))(batch, keys)
+    return _every_row(model, batch, key)
 
 
 def batched_scores(model: DecoderModel, batch: Sample, key: PRNGKeyArray | None = None) -> Scores:
     """The model's output distribution at every position of every row, factored (dropout with ``key``)."""
-    if key is None:
-        return jax.vmap(lambda sample: model.scores(sample))(batch)
-    keys = jax.random.split(key, batch.titles.shape[0])
-    return jax.vmap(lambda sample, k: model.scores(sample, key=k))(batch, keys)
+    return _every_row(model.scores, batch, key)

@@ -67,7 +67,8 @@ def two_stream_attention(
     """``Attention`` with queries from both streams ``x = [h; g]`` and keys and values from ``h`` only.
 
     The queries are the last ``mask.shape[0]`` rows of ``x``: all of them, or the query stream alone
-    (the last layer, whose content-stream output nothing reads). A row that may see nothing (separators, padding, a first read with no earlier classmate read)
+    (the last layer, whose content-stream output nothing reads). A row that may see nothing
+    (separators, padding, a first read with no earlier classmate read)
     reads nothing: its output is zero, so no softmax over an empty set spreads over hidden keys.
     ``bias_inputs`` (one row per query) feed ``Attention.score_bias``.
     """
@@ -131,10 +132,10 @@ class Study(DecoderModel):
         ke, kb = (None, None) if key is None else jax.random.split(key)
         x, mask, extra, block_fn = self._streams(sample, ke)
         seq = sample.titles.shape[0]
-        query_rows = {name: v[seq:] for name, v in extra.items()}
-        last_fn = lambda block, x, k: block(x, mask[seq:], key=k, attend=two_stream_attention, **query_rows)  # noqa: E731
         if layers is not None and layers < self.decoder.config.num_layers:
             return self.decoder.transform(x, block_fn, key=kb, layers=layers)[seq:]
+        query_rows = {name: v[seq:] for name, v in extra.items()}
+        last_fn = lambda block, x, k: block(x, mask[seq:], key=k, attend=two_stream_attention, **query_rows)  # noqa: E731
         return self.decoder.transform(x, block_fn, key=kb, last_fn=last_fn)
 
     def last_block_input(self, sample: Sample):
