@@ -98,3 +98,48 @@ def test_gradients_match_and_are_finite():
     for g, w in zip(got, want):
         assert np.isfinite(np.asarray(g)).all()
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_matmul_rows_gradients_are_the_matmuls():
+    from studyrec.models.decoder import matmul_rows
+
+    x = jax.random.normal(jax.random.key(0), (3, 5, 4))
+    kernel = jax.random.normal(jax.random.key(1), (4, 6))
+    g = jax.random.normal(jax.random.key(2), (3, 5, 6))
+    ours = jax.grad(lambda x, k: jnp.sum(matmul_rows(x, k) * g), argnums=(0, 1))(x, kernel)
+    plain = jax.grad(lambda x, k: jnp.sum((x @ k) * g), argnums=(0, 1))(x, kernel)
+    for a, b in zip(ours, plain):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["individual", "study-reference", "study"])
+def test_batched_scores_read_out_every_row_like_the_model(name):
+    """The batch's output layer at once (``batched_scores``) gives each row's ``model.scores``, and the
+    same gradients, on real packed rows with a classroom memory and grade levels."""
+    import equinox as eqx
+
+    from studyrec.models import ModelConfig, batched_scores, build
+    from tests.test_memory import packer_with_memory
+    from tests.test_models import TINY, awake
+
+    batch = packer_with_memory().random_rows(0, np.arange(4))
+    batch = batch._replace(grade_level=jnp.asarray([0, 1, 2, 3], jnp.int32))
+    config = ModelConfig(**{**TINY, "max_len": 24}, num_grade_levels=3, copy_head=True, copy_seen_bias=True,
+                         copy_order_bias=True, tie_embeddings=name == "study",
+                         memory_size=6 if name == "study" else 0)
+    model = eqx.nn.inference_mode(awake(build(name, config, key=jax.random.key(0))))
+    model = eqx.tree_at(lambda m: m.decoder.grade_bias, model, jax.random.normal(jax.random.key(5), model.decoder.grade_bias.shape))
+    targets = jnp.asarray(batch.titles)
+
+    def together(m):
+        return batched_scores(m, batch).at(targets).sum()
+
+    def row_by_row(m):
+        return jax.vmap(lambda s, t: m.scores(s).at(t))(batch, targets).sum()
+
+    np.testing.assert_allclose(
+        batched_scores(model, batch).log_probs(), jax.vmap(lambda s: model.scores(s).log_probs())(batch), rtol=1e-5, atol=1e-5
+    )
+    ours, theirs = eqx.filter_grad(together)(model), eqx.filter_grad(row_by_row)(model)
+    for a, b in zip(jax.tree.leaves(eqx.filter(ours, eqx.is_array)), jax.tree.leaves(eqx.filter(theirs, eqx.is_array))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

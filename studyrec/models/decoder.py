@@ -17,6 +17,28 @@ from studyrec.models.config import ModelConfig
 from studyrec.models.mixture import CopyPointer, MemoryPointer, Scores, mixture
 
 
+@jax.custom_vjp
+def matmul_rows(x: Float[Array, "*rows d"], kernel: Float[Array, "d out"]) -> Float[Array, "*rows out"]:
+    """``x @ kernel`` (the output layer), whose kernel gradient ``x.T @ g`` transposes the narrow
+    ``x``: differentiated by default, XLA transposed the ``[rows, vocab]`` output gradient instead
+    (3-4% of a ``cpu-small`` training step). Call it on a whole batch: under ``vmap`` the custom
+    gradient is computed row by row and then summed."""
+    return x @ kernel
+
+
+def _matmul_rows_fwd(x, kernel):
+    return x @ kernel, (x, kernel)
+
+
+def _matmul_rows_bwd(residuals, g):
+    x, kernel = residuals
+    flat_x, flat_g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+    return (g @ kernel.T).astype(x.dtype), (flat_x.T @ flat_g).astype(kernel.dtype)
+
+
+matmul_rows.defvjp(_matmul_rows_fwd, _matmul_rows_bwd)
+
+
 @functools.cache
 def sinusoidal_table(max_len: int, d_model: int) -> np.ndarray:
     """The reference's table: sin and cos halves concatenated, divisor ``d/2 - 1``."""
@@ -485,15 +507,19 @@ class Decoder(eqx.Module):
         """Float32 logits from hidden states: final LayerNorm, output layer and the grade bias."""
         return self.project(self.final_ln(h), grade_level)
 
-    def project(self, normed: Float[Array, "*rows d"], grade_level: Int[ArrayLike, ""]) -> Float[Array, "*rows vocab"]:
-        """The output layer and the grade bias, on states after the final LayerNorm."""
+    def project(self, normed: Float[Array, "*rows d"], grade_level: Int[ArrayLike, "*batch"]) -> Float[Array, "*rows vocab"]:
+        """The output layer and the grade bias, on states after the final LayerNorm: one row's
+        ``[seq, d]`` with its grade, or a batch's ``[batch, seq, d]`` with one grade per row."""
         dt = jnp.dtype(self.config.dtype)
         kernel = self.embedding.T if self.out_kernel is None else self.out_kernel
-        logits = (normed @ kernel.astype(dt)).astype(jnp.float32) + self.out_bias
+        logits = matmul_rows(normed, kernel.astype(dt)).astype(jnp.float32) + self.out_bias
         if self.grade_bias is not None:
             levels = self.grade_bias.shape[0] - 1
             grade = jnp.where((grade_level > 0) & (grade_level <= levels), grade_level, 0)
-            logits = logits + self.grade_bias[grade]
+            bias = self.grade_bias[grade]  # [*batch, vocab]
+            if normed.ndim > jnp.ndim(grade) + 1:  # each grade applies to a row of positions
+                bias = bias[..., None, :]
+            logits = logits + bias
         return logits
 
 
@@ -559,13 +585,20 @@ class DecoderModel(eqx.Module):
         """The output distribution at ``rows`` (default: every position) from ``hidden(sample)``, factored
         (:class:`studyrec.models.mixture.Scores`): training reads the targets' log-probabilities from it
         without writing out the vocabulary."""
+        queries, copy, memory = self.readout_inputs(sample, hidden, rows)
+        return mixture(self.decoder.project(queries, sample.grade_level), copy, memory)
+
+    def readout_inputs(
+        self, sample, hidden: Float[Array, "seq d"], rows: Int[Array, " n"] | None = None
+    ) -> tuple[Float[Array, "n d"], CopyPointer | None, MemoryPointer | None]:
+        """What :meth:`scores_at` reads out at ``rows``: the normalised states (``Decoder.project``
+        gives their logits) and the copy and memory heads' pointers."""
         decoder = self.decoder
         if decoder.copy is None and decoder.memory is None:
-            return mixture(decoder.readout(hidden if rows is None else hidden[rows], sample.grade_level))
+            return decoder.final_ln(hidden if rows is None else hidden[rows]), None, None
         keys = decoder.final_ln(hidden)  # normalised once: the copy head's keys, and the queries at rows
         pick = (lambda a: a) if rows is None else (lambda a: a[rows])  # noqa: E731
         queries = pick(keys)
-        logits = decoder.project(queries, sample.grade_level)
         copy = memory = None
         if decoder.copy is not None:
             carried, read_at, mask = self.copy_sources(sample)
@@ -579,7 +612,7 @@ class DecoderModel(eqx.Module):
             visible = (titles > 0) & (times < now)
             gap = jnp.log1p(jnp.maximum(now - times, 0).astype(jnp.float32) / 86400.0)
             memory = decoder.memory.pointer(queries, decoder.embedding, titles, pick(sample.memory_reads), gap, visible)
-        return mixture(logits, copy, memory)
+        return queries, copy, memory
 
     def logits_at(
         self, sample, hidden: Float[Array, "seq d"], rows: Int[Array, " n"] | None = None

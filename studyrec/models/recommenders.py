@@ -11,7 +11,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 
 from studyrec.data.packing import Sample
 from studyrec.models.decoder import DecoderModel
-from studyrec.models.mixture import Scores
+from studyrec.models.mixture import Scores, mixture
 from studyrec.models.masks import individual_mask, study_mask
 from studyrec.models.registry import register
 
@@ -95,5 +95,15 @@ def batched_logits(model: DecoderModel, batch: Sample, key: PRNGKeyArray | None 
 
 
 def batched_scores(model: DecoderModel, batch: Sample, key: PRNGKeyArray | None = None) -> Scores:
-    """The model's output distribution at every position of every row, factored (dropout with ``key``)."""
-    return _every_row(model.scores, batch, key)
+    """The model's output distribution at every position of every row, factored (dropout with ``key``).
+
+    ``model.scores`` on every row, with the output layer applied to the whole batch at once: one
+    ``[batch * seq, d] @ [d, vocab]`` product, whose gradient ``matmul_rows`` computes without
+    transposing the ``[batch * seq, vocab]`` output gradient.
+    """
+    def inputs(sample: Sample, key: PRNGKeyArray | None):
+        return model.readout_inputs(sample, model.hidden(sample, key=key))
+
+    queries, copy, memory = _every_row(inputs, batch, key)
+    logits = model.decoder.project(queries, batch.grade_level)
+    return jax.vmap(mixture)(logits, copy, memory)
