@@ -10,6 +10,8 @@ by stage:
 - ``load``: ``io.load_activity`` on the train and valid CSVs (parse, validate, sort);
 - ``vocab``: ``Vocabulary.build`` (top 2000 titles);
 - ``chunk``: ``Interactions.from_frame`` (encode, classrooms) + ``make_chunks``;
+- ``memory``: the classroom memory of the model (``--model``, default ``study``, whose rows carry
+  each token's ``ClassroomMemory``, as ``experiments.train`` packs them; none for a model without);
 - ``pack``: ``ClassroomPacker`` + ``random_rows`` in batches of 1024 (enough rows to hold every
   interaction about once);
 - ``grain``: the same rows through ``pipeline.training_batches`` + ``prefetching`` (2 threads);
@@ -63,13 +65,17 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--vocab-size", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-grain", action="store_true", help="skip the Grain prefetching stage")
+    p.add_argument("--model", default="study", help="whose classroom memory the rows carry (default: study, the default model)")
     args = p.parse_args(argv)
 
     import pandas as pd  # noqa: F401  (imports counted in the baseline RSS)
 
     from studyrec.data import ClassroomPacker, Interactions, Vocabulary, make_chunks
     from studyrec.data.io import load_activity, load_school_info, load_student_info
+    from studyrec.data.memory import ClassroomMemory
     from studyrec.data.pipeline import prefetching, training_batches
+    from studyrec.config import DEFAULT_ARCH
+    from studyrec.models import memory_options
 
     base_rss = current_rss_mb()
     stages: dict[str, float] = {}
@@ -105,8 +111,12 @@ def main(argv: list[str] | None = None) -> dict:
         B = args.batch
         rows = args.pack_rows or max(B, (n // 60) // B * B)
         nb = -(-rows // B)
+        options = memory_options(args.model, DEFAULT_ARCH)
+        with Stopwatch(stages, "memory_s"):
+            memory = None if options is None else ClassroomMemory.of(data, origin, **options)
+        rss["after_memory"] = current_rss_mb()
         with Stopwatch(stages, "packer_init_s"):
-            packer = ClassroomPacker(data, chunks, args.seq_len, vocab.sep, origin)
+            packer = ClassroomPacker(data, chunks, args.seq_len, vocab.sep, origin, memory=memory)
         tokens = 0
         with Stopwatch(stages, "pack_s"):
             for b in range(nb):
@@ -143,6 +153,8 @@ def main(argv: list[str] | None = None) -> dict:
         "seq_len": args.seq_len,
         "chunk_size": args.chunk,
         "batch": B,
+        "model": args.model,
+        "memory_size": 0 if memory is None else memory.size,
         "csv_mib": round(csv_mb, 1),
         "interactions_per_s": n / prep,
         "rows_per_s": nb * B / stages["pack_s"],
