@@ -16,8 +16,9 @@ timed steps (0 means the device never waited for data); ``wall`` sums the pipeli
 pre-placed batch, timed alternately with them: on a CPU the packing threads share the cores with
 the step, so this is where the input pipeline's cost would show. A dense matmul is timed after
 every step as well: ``peak_fraction`` is best step against best matmul, ``peak_fraction_median``
-median against median (steadier when other users load the machine). Compilations during the
-timed steps are counted (``recompiles``: must be 0).
+median against median (steadier when other users load the machine). ``step_cpu_s_median`` is the
+process's CPU time per step over all cores: on a shared machine it moves less with outside load
+than the wall time. Compilations during the timed steps are counted (``recompiles``: must be 0).
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     run_peak, peak_flop, peak_n = matmul_kernel(config.dtype)
     peak_times = []
 
-    step_times, waits, place_times, fixed_times, totals = [], [], [], [], []
+    step_times, waits, place_times, fixed_times, totals, cpu_times = [], [], [], [], [], []
     first_step_s = fixed = None
     wall, real_tokens = 0.0, 0
     with CompileCounter() as compiles:
@@ -111,10 +112,10 @@ def main(argv: list[str] | None = None) -> dict:
             local = next(iterator)
             t1 = time.perf_counter()
             batch = place_batch(local, mesh)
-            t2 = time.perf_counter()
+            t2, c2 = time.perf_counter(), time.process_time()
             model, opt_state, sums = step_fn(model, opt_state, batch, jax.random.fold_in(dropout_key, step))
             jax.block_until_ready(sums)
-            t3 = time.perf_counter()
+            t3, c3 = time.perf_counter(), time.process_time()
             if step == 0:
                 first_step_s = t3 - t0
                 log(f"first step (compile) {first_step_s:.1f}s")
@@ -126,6 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
                 waits.append(t1 - t0)
                 place_times.append(t2 - t1)
                 step_times.append(t3 - t2)
+                cpu_times.append(c3 - c2)
                 # The same step on one fixed, pre-placed batch, alternating with the pipelined steps so
                 # that outside load hits both alike: no packing competes with it for the cores.
                 model, opt_state, sums, times = train_steps(
@@ -161,6 +163,8 @@ def main(argv: list[str] | None = None) -> dict:
         "real_token_fraction": real_tokens / (args.steps * tokens),
         "step_s_median": med_step,
         "step_s_fixed_batch_median": statistics.median(fixed_times),
+        # CPU seconds of the process per step (every core): less sensitive to a shared machine's load than wall time.
+        "step_cpu_s_median": statistics.median(cpu_times),
         "pipeline_overhead": wall / sum(fixed_times) - 1,
         "host_wait_fraction": sum(waits) / wall,
         "host_wait_max_s": max(waits),
