@@ -128,3 +128,16 @@ def test_only_models_that_read_classmates_take_a_memory():
         build("individual", ModelConfig(**TINY, memory_size=4), key=jax.random.key(0))
     with pytest.raises(ValueError, match="memory_days"):
         ModelConfig(**TINY, memory_days=0.0)
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_titles_rank_by_reads_then_latest_then_id(wide):
+    """The packed-key sort and the lexsort it falls back to for wide keys give the same order."""
+    from studyrec.data.memory import _rank_titles
+
+    rng = np.random.default_rng(1)
+    summary = np.sort(rng.integers(0, 50, 2000))
+    reads = rng.integers(1, 4, 2000)
+    last = rng.integers(0, 2**61 if wide else 1000, 2000)  # 61 bits of time: too wide to pack
+    expected = np.lexsort((np.arange(2000), -last, -reads, summary))
+    np.testing.assert_array_equal(_rank_titles(summary, reads, last), expected)

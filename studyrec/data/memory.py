@@ -22,6 +22,24 @@ from studyrec.data.packing import Placements, Sample, token_owners
 DAY = 86400
 
 
+def _rank_titles(summary: np.ndarray, reads: np.ndarray, last: np.ndarray) -> np.ndarray:
+    """The order of (summary, title) groups given in (summary, title) order: by summary, then most
+    reads, then latest read, then title.
+
+    One stable sort of a packed int64 key (ties keep the title order); ``np.lexsort`` on the four
+    keys took 7x longer and is left for keys too wide to pack.
+    """
+    if len(summary) == 0:
+        return np.zeros(0, np.int64)
+    reads_bits, time_bits = int(reads.max()).bit_length(), int(last.max() - last.min()).bit_length()
+    if int(summary.max()).bit_length() + reads_bits + time_bits > 62:
+        return np.lexsort((np.arange(len(summary)), -last, -reads, summary))
+    key = (summary.astype(np.int64) << (reads_bits + time_bits)) | (
+        (int(reads.max()) - reads).astype(np.int64) << time_bits
+    ) | (int(last.max()) - last).astype(np.int64)
+    return np.argsort(key, kind="stable")
+
+
 class ClassroomMemory:
     """Top titles of each classroom's reads in ``[t - days, t)``, for any classroom and moment ``t``.
 
@@ -85,12 +103,15 @@ class ClassroomMemory:
         count = hi - lo
         which = np.repeat(np.arange(len(unique)), count)
         read = np.repeat(lo - np.cumsum(count) + count, count) + np.arange(count.sum())
-        # Reads per (summary, title), and the latest: reads are in time order within a classroom.
+        # Reads per (summary, title), and the latest.
         pair = which * self._num_titles + self._titles[read]
-        groups, n = np.unique(pair, return_counts=True)
-        last = np.maximum.reduceat(self._times[read][np.argsort(pair, kind="stable")], np.cumsum(n) - n) if len(n) else n
-        g_which, g_title = groups // self._num_titles, groups % self._num_titles
-        rank = np.lexsort((g_title, -last, -n, g_which))
+        order = np.argsort(pair, kind="stable")
+        pair = pair[order]
+        first = np.flatnonzero(np.r_[True, pair[1:] != pair[:-1]]) if len(pair) else np.zeros(0, np.int64)
+        n = np.diff(np.r_[first, len(pair)])
+        last = np.maximum.reduceat(self._times[read][order], first) if len(first) else n
+        g_which, g_title = pair[first] // self._num_titles, pair[first] % self._num_titles
+        rank = _rank_titles(g_which, n, last)
         g_which, g_title, n, last = g_which[rank], g_title[rank], n[rank], last[rank]
         start = np.searchsorted(g_which, np.arange(len(unique)), side="left")
         slot = np.arange(len(g_which)) - start[g_which]
