@@ -119,8 +119,8 @@ def test_batched_scores_read_out_every_row_like_the_model(name):
     import equinox as eqx
 
     from studyrec.models import ModelConfig, batched_scores, build
-    from tests.test_memory import packer_with_memory
-    from tests.test_models import TINY, awake
+    from test_memory import packer_with_memory
+    from test_models import TINY, awake
 
     batch = packer_with_memory().random_rows(0, np.arange(4))
     batch = batch._replace(grade_level=jnp.asarray([0, 1, 2, 3], jnp.int32))
