@@ -21,7 +21,7 @@ from studyrec.models.mixture import CopyPointer, MemoryPointer, Scores, mixture
 def matmul_rows(x: Float[Array, "*rows d"], kernel: Float[Array, "d out"]) -> Float[Array, "*rows out"]:
     """``x @ kernel`` (the output layer), whose kernel gradient ``x.T @ g`` transposes the narrow
     ``x``: differentiated by default, XLA transposed the ``[rows, vocab]`` output gradient instead
-    (3-4% of a ``cpu-small`` training step). Call it on a whole batch: under ``vmap`` the custom
+    (about 3% of the op time of a ``cpu-small`` step). Call it on a whole batch: under ``vmap`` the custom
     gradient is computed row by row and then summed."""
     return x @ kernel
 
