@@ -75,10 +75,11 @@ def _log(p: Float[Array, "*s"]) -> Float[Array, "*s"]:
     return jnp.where(hit, jnp.log(jnp.where(hit, p, 1.0)), -jnp.inf)
 
 
-def _earlier_duplicate(same: Bool[Array, "*b j j"]) -> Bool[Array, "*b j"]:
-    """Whether an earlier slot holds the same title (``same[..., i, j]``: slots i and j do)."""
+def _earlier_same(same: Bool[Array, "*b j j"]) -> Bool[Array, "*b j j"]:
+    """``same[..., i, j]`` (slots i and j hold the same title) where slot i comes before slot j: a
+    slot ``j`` with any such ``i`` repeats an earlier slot's title."""
     j = same.shape[-1]
-    return (same & (jnp.arange(j)[:, None] < jnp.arange(j)[None, :])).any(-2)
+    return same & (jnp.arange(j)[:, None] < jnp.arange(j)[None, :])
 
 
 def mixture(
@@ -106,6 +107,7 @@ def mixture(
     first_of = jnp.where(c > 0, first_slot[c], m + 1)
     found = jnp.where(mt > 0, first_slot[mt], m)
     cc_f = cc.astype(f32)
+    earlier_c = _earlier_same(cc)
 
     def at_copy_slots(w):
         """Sums of copy-slot weights over the copy slots holding each copy slot's and each memory slot's title."""
@@ -131,8 +133,7 @@ def mixture(
     seen_c, seen_m, log_z = jnp.zeros_like(logp_c), jnp.zeros_like(logp_m), zero
     if copy.seen_bias is not None:
         own_c, own_m = at_copy_slots(copy.own.astype(f32))
-        earlier = (cc & (slot[:, None] < slot[None, :])).astype(f32)
-        first = copy.own & (copy.own.astype(f32) @ earlier == 0)  # each seen title once
+        first = copy.own & (copy.own.astype(f32) @ earlier_c.astype(f32) == 0)  # each seen title once
         p1 = jnp.exp(jnp.logaddexp(la1[:, None] + logp_c, lb1[:, None] + _log(copy_c)))
         mass = jnp.sum(jnp.where(first, p1, 0.0), -1)  # p1's mass on the seen titles
         log_z = jnp.logaddexp(_log(jnp.maximum(1.0 - mass, 0.0)), copy.seen_bias + _log(mass))
@@ -148,8 +149,8 @@ def mixture(
         return jnp.logaddexp(log_a[:, None] + logp + seen, _log(pointed))
 
     unused = jnp.int32(vocab)
-    keep_c = (c > 0) & ~_earlier_duplicate(cc)
-    keep_m = (mt > 0) & (found == m) & ~_earlier_duplicate(mm)
+    keep_c = (c > 0) & ~earlier_c.any(0)
+    keep_m = (mt > 0) & (found == m) & ~_earlier_same(mm).any(-2)
     titles = jnp.concatenate([jnp.where(keep_c, c, unused)[None].repeat(n, 0), jnp.where(keep_m, mt, unused)], -1)
     slot_values = jnp.concatenate([values(logp_c, seen_c, copy_c, mem_c), values(logp_m, seen_m, copy_m, mem_m)], -1)
     return Scores(logits, log_a - lse, titles, slot_values)
