@@ -281,7 +281,7 @@ def generated_packer(
     chunks = make_chunks(inter, chunk or seq_len)
     origin = int(frame["timestamp"].min())
     origin -= origin % 86400
-    reads = None if memory is None else ClassroomMemory.of(inter, origin, **memory)
+    reads = ClassroomMemory.optional(inter, origin, memory)
     return ClassroomPacker(inter, chunks, seq_len, vocab.sep, origin, memory=reads), vocab
 
 

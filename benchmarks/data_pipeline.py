@@ -111,9 +111,8 @@ def main(argv: list[str] | None = None) -> dict:
         B = args.batch
         rows = args.pack_rows or max(B, (n // 60) // B * B)
         nb = -(-rows // B)
-        options = memory_options(args.model, DEFAULT_ARCH)
         with Stopwatch(stages, "memory_s"):
-            memory = None if options is None else ClassroomMemory.of(data, origin, **options)
+            memory = ClassroomMemory.optional(data, origin, memory_options(args.model, DEFAULT_ARCH))
         rss["after_memory"] = current_rss_mb()
         with Stopwatch(stages, "packer_init_s"):
             packer = ClassroomPacker(data, chunks, args.seq_len, vocab.sep, origin, memory=memory)

@@ -85,8 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     # --- evaluation: the final pass of experiments.train (valid-only context) ----------------------
     t0 = time.perf_counter()
     data = Interactions.from_frame(valid, vocab, gen.student_info, gen.school_info, cfg.data.classroom_grouping)
-    options = memory_options(args.model, cfg.arch)  # the classroom memory, as experiments.train packs it
-    memory = None if options is None else ClassroomMemory.of(data, origin, **options)
+    memory = ClassroomMemory.optional(data, origin, memory_options(args.model, cfg.arch))  # as experiments.train packs it
     packer = ClassroomPacker(data, make_chunks(data, cfg.chunk_size), cfg.seq_len, vocab.sep, origin, memory=memory)
     layout = packer.eval_layout()
     t1 = time.perf_counter()

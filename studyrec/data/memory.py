@@ -79,6 +79,12 @@ class ClassroomMemory:
         """The memory of every interaction in ``data``, timed as rows hold them (seconds from ``time_origin``)."""
         return cls(data.classroom[data.student_of], data.timestamps - time_origin, data.titles, size=size, days=days, max_reads=max_reads)
 
+    @classmethod
+    def optional(cls, data: Interactions, time_origin: int, options: dict | None) -> ClassroomMemory | None:
+        """:meth:`of` under ``options`` (``studyrec.models.memory_options``), or None without them (the
+        model reads no classroom memory)."""
+        return None if options is None else cls.of(data, time_origin, **options)
+
     def lookup(
         self, classroom: Int[np.ndarray, " q"], times: Int[np.ndarray, " q"]
     ) -> tuple[Int[np.ndarray, "q k"], Int[np.ndarray, "q k"], Int[np.ndarray, "q k"]]:

@@ -49,10 +49,9 @@ def _packer(
     data: Interactions, cfg: TrainConfig, vocab: Vocabulary, origin: int, align: str = "start", chunk_size: int | None = None
 ) -> ClassroomPacker:
     chunks = make_chunks(data, chunk_size or cfg.chunk_size, align)
-    options = memory_options(cfg.model, cfg.arch)
     return ClassroomPacker(
         data, chunks, cfg.seq_len, vocab.sep, origin, aligned=cfg.sampler == "aligned", context_size=cfg.classmate_chunk_size,
-        memory=None if options is None else ClassroomMemory.of(data, origin, **options),
+        memory=ClassroomMemory.optional(data, origin, memory_options(cfg.model, cfg.arch)),
     )
 
 
