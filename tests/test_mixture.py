@@ -112,6 +112,29 @@ def test_matmul_rows_gradients_are_the_matmuls():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_slot_affinity_dense_is_the_gathered_dot_and_gradient():
+    """The GPU's form (every title, then the slots' columns) gives the CPU's gathered dot products and
+    their gradients, with a title repeated across slots and rows, and title 0."""
+    from studyrec.models.decoder import slot_affinity
+
+    q = jax.random.normal(jax.random.key(0), (7, 4))
+    table = jax.random.normal(jax.random.key(1), (9, 4))
+    titles = jnp.asarray([[0, 3, 3], [8, 1, 3], [2, 2, 2], [5, 0, 7], [3, 3, 8], [1, 4, 6], [0, 0, 0]], jnp.int32)
+    g = jax.random.normal(jax.random.key(2), titles.shape)
+
+    def run(dense):
+        value = slot_affinity(q, table, titles, dense=dense)
+        return value, jax.grad(lambda q, t: jnp.sum(slot_affinity(q, t, titles, dense=dense) * g), argnums=(0, 1))(q, table)
+
+    (gathered, grads), (dense, dense_grads) = run(False), run(True)
+    expected = np.take_along_axis(np.asarray(q) @ np.asarray(table).T, np.asarray(titles), axis=-1)
+    np.testing.assert_allclose(gathered, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dense, gathered, rtol=1e-5, atol=1e-5)
+    for a, b in zip(dense_grads, grads):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert float(jnp.abs(grads[1][0]).sum()) > 0  # title 0's row gets its gradient too
+
+
 @pytest.mark.parametrize("name", ["individual", "study-reference", "study"])
 def test_batched_scores_read_out_every_row_like_the_model(name):
     """The batch's output layer at once (``batched_scores``) gives each row's ``model.scores``, and the
