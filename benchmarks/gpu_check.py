@@ -7,7 +7,7 @@
 It measures tokens/s, bf16 MFU against the card's measured bf16 matmul peak, peak device memory at
 the largest per-device batch that fits (powers of two from ``--start`` up), the Grain input
 pipeline's pace on this host, and the projected wall time of the 224,000-step paper run (global
-batch 2048 rows of 65 titles). Runs in under 8 minutes on one H100/H200.
+batch 2048 rows of 65 titles). On one H200 it took 3 minutes with ``--search-s 150`` (2026-11-30).
 
 Installs nothing: it expects `pip install -e ".[cuda]"` (jax[cuda12]) to have been done. It prints
 progress on stderr and one JSON line (benchmark "gpu_check") on stdout.
