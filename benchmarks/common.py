@@ -21,6 +21,8 @@ from functools import cache
 
 import numpy as np
 
+from experiments.cli import COMPILED
+
 
 def log(*args) -> None:
     """Progress to stderr, so stdout keeps only the JSON line."""
@@ -301,7 +303,7 @@ def base_record(config, *, batch: int, seq_len: int) -> dict:
 class CompileCounter:
     """Counts XLA backend compilations (and their seconds) while active: recompilation shows up here."""
 
-    EVENT = "/jax/core/compile/backend_compile_duration"
+    EVENT = COMPILED
 
     def __init__(self):
         self.count, self.seconds, self.names = 0, 0.0, []

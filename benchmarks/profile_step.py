@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     key = jax.random.key(1)
     with warnings.catch_warnings():  # the batch's int arrays are donated with the rest, and cannot be reused
         warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-        step = step.lower(model, state, fixed, key).compile()  # compiled once: traced as it is read
+        step = step.lower(model, state, fixed, key).compile()  # one executable: the trace names its ops
     shapes = output_shapes(step.compiled.as_text())
     log(f"device: {dev.device_kind} ({dev.platform}), {args.model} at {args.preset} sizes, batch {batch}, {config.dtype}")
 

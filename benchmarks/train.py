@@ -63,12 +63,15 @@ def main(argv: list[str] | None = None) -> dict:
     import jax
     import numpy as np
 
+    from experiments.cli import return_large_buffers, trim_heap_after_compiles
     from studyrec.data.pipeline import prefetching, training_batches
     from studyrec.models import build, memory_options
     from studyrec.config import PRESETS
     from studyrec.sharding import make_mesh, place_batch, shard_params
     from studyrec.train.step import make_optimizer, make_train_step
 
+    return_large_buffers()  # glibc as experiments.train sets it, so that peak_rss_mb is a run's
+    trim_heap_after_compiles()
     cfg = PRESETS[args.preset]
     per_device = args.batch or cfg.per_device_batch_size
     n_dev = jax.device_count()

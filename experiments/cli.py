@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import io
 import logging
 import os
@@ -36,6 +37,7 @@ def setup_logging() -> None:
     absl_flags.FLAGS.mark_as_parsed()
     enable_compilation_cache()
     return_large_buffers()
+    trim_heap_after_compiles()
 
 
 LARGE_BUFFER = 8 << 20
@@ -50,6 +52,37 @@ def return_large_buffers() -> None:
     """
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).mallopt(-3, LARGE_BUFFER)  # M_MMAP_THRESHOLD
+
+
+COMPILED = "/jax/core/compile/backend_compile_duration"
+"""JAX's monitoring event at the end of each XLA compilation."""
+
+
+TRIM_AFTER_S = 1.0
+"""Compilations at least this long are followed by a heap trim (``trim_heap_after_compiles``)."""
+
+
+@functools.cache  # one listener per process, however often the CLI is set up
+def trim_heap_after_compiles() -> None:
+    """Hands glibc's free heap back to the system after each long XLA compilation.
+
+    Compiling the ``cpu-small`` train step takes about 500 MB of small allocations. They are freed
+    when it ends, but glibc keeps them in its heap, so the whole run stays that much larger.
+    Short compilations free little: trimming after each of the quick start's 62 made its
+    compilations 3-4 s slower in all, against 3 trims after the long ones. Not glibc: nothing to do.
+    """
+    import jax.monitoring
+
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return
+
+    def after_compile(event: str, duration: float, **kwargs) -> None:
+        if event == COMPILED and duration >= TRIM_AFTER_S:
+            trim(0)
+
+    jax.monitoring.register_event_duration_secs_listener(after_compile)
 
 
 CACHE_OFF = ("off", "0", "false", "no", "none")
