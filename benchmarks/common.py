@@ -79,8 +79,9 @@ def json_line(record: dict) -> None:
 
 
 def emit(name: str, record: dict) -> dict:
-    """Prints one JSON line: benchmark name, device, load average, then the record."""
-    line = {"benchmark": name, **device_info(), "load_avg_1m": load_average(), **record}
+    """Prints one JSON line: benchmark name, device, load average, glibc's tunables, then the record."""
+    line = {"benchmark": name, **device_info(), "load_avg_1m": load_average(),
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), **record}  # huge pages or not
     json_line(line)
     return line
 

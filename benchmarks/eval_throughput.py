@@ -190,4 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    from experiments.cli import restart_with_huge_pages
+
+    restart_with_huge_pages()  # as experiments.train and experiments.recommend run
     main()

@@ -85,15 +85,48 @@ def trim_heap_after_compiles() -> None:
     jax.monitoring.register_event_duration_secs_listener(after_compile)
 
 
-CACHE_OFF = ("off", "0", "false", "no", "none")
-"""Values of ``STUDYREC_COMPILATION_CACHE`` that turn the compilation cache off."""
+OFF = ("off", "0", "false", "no", "none")
+"""Values of ``STUDYREC_COMPILATION_CACHE`` and ``STUDYREC_HUGE_PAGES`` that turn them off."""
+
+HUGE_PAGES = "glibc.malloc.hugetlb=1"
+"""The glibc tunable that has malloc ask the kernel for transparent huge pages (glibc 2.35 on)."""
+
+THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
+"""The kernel's transparent huge page mode: ``[madvise]`` gives them to the processes that ask."""
+
+
+def restart_with_huge_pages() -> None:
+    """Runs this command again in place (``exec``: same PID, nothing done yet) with ``HUGE_PAGES`` in
+    ``GLIBC_TUNABLES``, where glibc reads it: at start.
+
+    XLA's CPU executables allocate their scratch buffer afresh each step. In 4 KiB pages a ``cpu-small``
+    step took 73,000 page faults; in huge pages 7,000, and the step 15-18% less time. Nothing happens
+    outside glibc 2.35+ on Linux, when the kernel gives huge pages to every process anyway or to none,
+    when ``GLIBC_TUNABLES`` already names the tunable, or with ``STUDYREC_HUGE_PAGES=off``. Call it
+    first thing in a ``__main__`` block, never from a library.
+    """
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if os.environ.get("STUDYREC_HUGE_PAGES", "").lower() in OFF or "glibc.malloc.hugetlb" in tunables:
+        return
+    try:
+        name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
+        with open(THP_MODE) as f:
+            mode = f.read()
+    except (AttributeError, ValueError, OSError):
+        return
+    if name != "glibc" or tuple(map(int, version.split(".")[:2])) < (2, 35) or "[madvise]" not in mode:
+        return
+    os.environ["GLIBC_TUNABLES"] = f"{tunables}:{HUGE_PAGES}" if tunables else HUGE_PAGES
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
 
 
 def compilation_cache_dir(environ: dict[str, str] | None = None) -> str | None:
     """Where compiled steps are cached, or None when ``STUDYREC_COMPILATION_CACHE`` turns it off."""
     env = os.environ if environ is None else environ
     chosen = env.get("STUDYREC_COMPILATION_CACHE", "").strip()
-    if chosen.lower() in CACHE_OFF and chosen:
+    if chosen.lower() in OFF and chosen:
         return None
     if chosen:
         return os.path.expanduser(chosen)

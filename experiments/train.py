@@ -11,8 +11,12 @@ import sys
 
 import tyro
 
-from experiments.cli import EXIT_BAD_INPUT, parse_flags, run_cli, setup_logging
-from studyrec.config import PRESETS, TrainConfig
+from experiments.cli import EXIT_BAD_INPUT, parse_flags, restart_with_huge_pages, run_cli, setup_logging
+
+if __name__ == "__main__":
+    restart_with_huge_pages()  # before JAX is imported: the command restarts, and would import it twice
+
+from studyrec.config import PRESETS, TrainConfig  # noqa: E402
 
 PRESET_HELP = {
     "default": "small and quick: the bundled data on a laptop CPU in a couple of minutes",

@@ -297,3 +297,39 @@ print(compiled, cached, len(calls), set(calls))
     assert done.returncode == 0, done.stderr
     compiled, cached, short, pads = done.stdout.strip().splitlines()[-1].split(" ", 3)
     assert int(compiled) >= 1 and cached == compiled == short and pads == "{0}", done.stdout
+
+
+RESTART = """
+import os, sys
+print("start", os.getpid(), os.environ.get("GLIBC_TUNABLES"), flush=True)
+from experiments.cli import restart_with_huge_pages
+restart_with_huge_pages()
+print("running", os.getpid(), os.environ.get("GLIBC_TUNABLES"), sys.argv[1:])
+"""
+
+
+def huge_pages_possible() -> bool:
+    """glibc 2.35+ and the kernel giving huge pages to the processes that ask (what the restart needs)."""
+    try:
+        name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
+        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except (AttributeError, ValueError, OSError):
+        return False
+    return name == "glibc" and tuple(map(int, version.split(".")[:2])) >= (2, 35) and "[madvise]" in mode
+
+
+@pytest.mark.parametrize("setting", [None, "off"])
+def test_commands_restart_once_in_place_with_huge_pages_where_the_system_gives_them(setting):
+    env = {k: v for k, v in child_env().items() if k not in ("GLIBC_TUNABLES", "STUDYREC_HUGE_PAGES")}
+    if setting is not None:
+        env["STUDYREC_HUGE_PAGES"] = setting
+    done = subprocess.run([sys.executable, "-c", RESTART, "a", "--b"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    pid = lines[0].split()[1]
+    if setting is None and huge_pages_possible():
+        assert lines == [f"start {pid} None", f"start {pid} glibc.malloc.hugetlb=1",
+                         f"running {pid} glibc.malloc.hugetlb=1 ['a', '--b']"], lines
+    else:
+        assert lines == [f"start {pid} None", f"running {pid} None ['a', '--b']"], lines
