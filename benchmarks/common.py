@@ -288,6 +288,22 @@ def generated_packer(
     return ClassroomPacker(inter, chunks, seq_len, vocab.sep, origin, memory=reads), vocab
 
 
+def preset_training(cfg, model, mesh, oov: int):
+    """What ``experiments.train`` trains ``model`` with under the preset ``cfg``: ``(model, opt_state,
+    step)``, the model and the optimizer's state placed on ``mesh``, ``step`` the jitted train step."""
+    import equinox as eqx
+
+    from studyrec.sharding import shard_params
+    from studyrec.train.step import make_optimizer, make_train_step
+
+    optimizer = make_optimizer(
+        model, peak_lr=cfg.learning_rate, warmup=cfg.warmup_steps, weight_decay=cfg.weight_decay,
+        grad_clip=cfg.grad_clip, decay_all=cfg.decay_all_params,
+    )
+    model = shard_params(model, mesh)
+    return model, shard_params(optimizer.init(eqx.filter(model, eqx.is_inexact_array)), mesh), make_train_step(optimizer, oov)
+
+
 def base_record(config, *, batch: int, seq_len: int) -> dict:
     return {
         "dtype": config.dtype,

@@ -26,7 +26,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from benchmarks.common import base_record, emit, generated_packer, log, train_steps
+from benchmarks.common import base_record, emit, generated_packer, log, preset_training, train_steps
 
 
 def op_times(trace_file: Path, op_names: set[str]) -> tuple[collections.Counter, collections.Counter]:
@@ -77,13 +77,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--trace-dir", default=None, help="keep the trace here (default: a temporary directory)")
     args = p.parse_args(argv)
 
-    import equinox as eqx
     import jax
     import numpy as np
 
     from studyrec.models import build, memory_options
-    from studyrec.sharding import make_mesh, place_batch, shard_params
-    from studyrec.train.step import make_optimizer, make_train_step
+    from studyrec.sharding import make_mesh, place_batch
 
     dev = jax.devices()[0]
     cfg = dataclasses.replace(PRESETS[args.preset], model=args.model)
@@ -95,13 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     config = cfg.model_config(vocab.logits_size, jax.default_backend())
     mesh = make_mesh(1, devices=[dev])
     model = build(args.model, config, key=jax.random.key(0))
-    optimizer = make_optimizer(
-        model, peak_lr=cfg.learning_rate, warmup=cfg.warmup_steps, weight_decay=cfg.weight_decay,
-        grad_clip=cfg.grad_clip, decay_all=cfg.decay_all_params,
-    )
-    model = shard_params(model, mesh)
-    state = shard_params(optimizer.init(eqx.filter(model, eqx.is_inexact_array)), mesh)
-    step = make_train_step(optimizer, vocab.oov)
+    model, state, step = preset_training(cfg, model, mesh, vocab.oov)
     fixed = place_batch(packer.random_rows(1, np.arange(batch, dtype=np.int64)), mesh)
     key = jax.random.key(1)
     with warnings.catch_warnings():  # the batch's int arrays are donated with the rest, and cannot be reused

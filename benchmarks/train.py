@@ -39,6 +39,7 @@ from benchmarks.common import (
     matmul_rates,
     mean_loss,
     peak_rss_mb,
+    preset_training,
     timed,
     train_steps,
 )
@@ -59,7 +60,6 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--memory-size", type=int, default=None, help="classroom memory titles (default: the preset's; 0: none)")
     args = p.parse_args(argv)
 
-    import equinox as eqx
     import jax
     import numpy as np
 
@@ -67,8 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     from studyrec.data.pipeline import prefetching, training_batches
     from studyrec.models import build, memory_options
     from studyrec.config import PRESETS
-    from studyrec.sharding import make_mesh, place_batch, shard_params
-    from studyrec.train.step import make_optimizer, make_train_step
+    from studyrec.sharding import make_mesh, place_batch
 
     return_large_buffers()  # glibc as experiments.train sets it, so that peak_rss_mb is a run's
     trim_heap_after_compiles()
@@ -87,13 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     mesh = make_mesh(cfg.fsdp)
     model = build(args.model, config, key=jax.random.key(cfg.seed))
-    optimizer = make_optimizer(
-        model, peak_lr=cfg.learning_rate, warmup=cfg.warmup_steps, weight_decay=cfg.weight_decay,
-        grad_clip=cfg.grad_clip, decay_all=cfg.decay_all_params,
-    )
-    model = shard_params(model, mesh)
-    opt_state = shard_params(optimizer.init(eqx.filter(model, eqx.is_inexact_array)), mesh)
-    step_fn = make_train_step(optimizer, vocab.oov)
+    model, opt_state, step_fn = preset_training(cfg, model, mesh, vocab.oov)
     dropout_key = jax.random.key(cfg.seed + 2)
 
     total = args.warmup + args.steps
