@@ -192,5 +192,5 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     from experiments.cli import restart_with_huge_pages
 
-    restart_with_huge_pages()  # as experiments.train and experiments.recommend run
+    restart_with_huge_pages()  # as experiments.train, whose final evaluation this measures, runs
     main()

@@ -100,7 +100,7 @@ def restart_with_huge_pages() -> None:
     ``GLIBC_TUNABLES``, where glibc reads it: at start.
 
     XLA's CPU executables allocate their scratch buffer afresh each step. In 4 KiB pages a ``cpu-small``
-    step took 73,000 page faults; in huge pages 7,000, and the step 15-18% less time. Nothing happens
+    step took 73,000 page faults; in huge pages 7,000, and the step 16-18% less time. Nothing happens
     outside glibc 2.35+ on Linux, when the kernel gives huge pages to every process anyway or to none,
     when ``GLIBC_TUNABLES`` already names the tunable, or with ``STUDYREC_HUGE_PAGES=off``. Call it
     first thing in a ``__main__`` block, never from a library.

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from experiments import cli
-from experiments.cli import restart_with_huge_pages, run_cli, setup_logging
+from experiments.cli import run_cli, setup_logging
 
 FORMATS = (".csv", ".json")
 
@@ -115,5 +115,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    restart_with_huge_pages()
     main()
