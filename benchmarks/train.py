@@ -63,14 +63,13 @@ def main(argv: list[str] | None = None) -> dict:
     import jax
     import numpy as np
 
-    from experiments.cli import return_large_buffers, trim_heap_after_compiles
+    from experiments.cli import tune_allocator
     from studyrec.data.pipeline import prefetching, training_batches
     from studyrec.models import build, memory_options
     from studyrec.config import PRESETS
     from studyrec.sharding import make_mesh, place_batch
 
-    return_large_buffers()  # glibc as experiments.train sets it, so that peak_rss_mb is a run's
-    trim_heap_after_compiles()
+    tune_allocator()  # glibc as experiments.train sets it, so that peak_rss_mb is a run's
     cfg = PRESETS[args.preset]
     per_device = args.batch or cfg.per_device_batch_size
     n_dev = jax.device_count()

@@ -36,6 +36,11 @@ def setup_logging() -> None:
     # Grain reads absl flags; mark them parsed so it works outside absl.app.
     absl_flags.FLAGS.mark_as_parsed()
     enable_compilation_cache()
+    tune_allocator()
+
+
+def tune_allocator() -> None:
+    """glibc's malloc set up for XLA's buffers (``return_large_buffers``, ``trim_heap_after_compiles``)."""
     return_large_buffers()
     trim_heap_after_compiles()
 
