@@ -8,7 +8,7 @@ import pytest
 
 from studyrec.data import Sample
 from studyrec.models import ModelConfig, build, individual_mask, study_mask
-from studyrec.models.decoder import GAP_BUCKETS, gap_buckets
+from studyrec.models.decoder import GAP_BUCKETS, Dropout, gap_buckets, hashed_uniform_bits, mix32
 
 SEP = 99
 TINY = dict(vocab_size=100, num_layers=2, d_model=32, qkv_dim=32, num_heads=2, mlp_dim=32, max_len=15)
@@ -172,6 +172,45 @@ def test_dropout_needs_key_and_inference_mode_is_deterministic():
     assert not jnp.allclose(a, b)
     frozen = eqx.filter_jit(eqx.nn.inference_mode(trainable))
     np.testing.assert_array_equal(frozen(FIXTURE), frozen(FIXTURE))
+
+
+def test_mix32_is_lowbias32_in_wrapping_uint32_and_a_bijection():
+    def lowbias32(x: int) -> int:  # Wellons' C, with Python integers reduced mod 2**32
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) % 2**32
+        x ^= x >> 15
+        x = (x * 0x846CA68B) % 2**32
+        return x ^ (x >> 16)
+
+    x = np.random.default_rng(0).integers(0, 2**32, 1000, dtype=np.uint64).astype(np.uint32)
+    x[:3] = [0, 1, 2**32 - 1]
+    np.testing.assert_array_equal(np.asarray(mix32(jnp.asarray(x))), [lowbias32(int(v)) for v in x])
+    sample = jnp.arange(2**20, dtype=jnp.uint32) * jnp.uint32(4099)
+    assert len(np.unique(np.asarray(mix32(sample)))) == 2**20
+
+
+def test_hashed_draws_are_uniform_and_independent_across_elements_and_keys():
+    n = 1 << 20
+    a = np.asarray(hashed_uniform_bits(jax.random.key(0), (1024, 1024))).ravel().astype(np.float64) / 2**32
+    b = np.asarray(hashed_uniform_bits(jax.random.key(1), (1024, 1024))).ravel().astype(np.float64) / 2**32
+    step = np.asarray(hashed_uniform_bits(jax.random.fold_in(jax.random.key(0), 1), (1024, 1024))).ravel() / 2**32
+    counts = np.bincount((a * 256).astype(int), minlength=256)
+    chi2 = ((counts - n / 256) ** 2 / (n / 256)).sum()
+    assert chi2 < 400, chi2  # 255 degrees of freedom: 400 is about 7 standard deviations
+    bound = 6 / np.sqrt(n)  # correlation of independent uniforms: standard deviation 1/sqrt(n)
+    for name, x, y in [("next element", a[:-1], a[1:]), ("next row", a[:-1024], a[1024:]), ("another key", a, b),
+                       ("the next step's key", a, step)]:
+        assert abs(np.corrcoef(x, y)[0, 1]) < bound, name
+    assert not np.array_equal(a, b)
+
+
+def test_dropout_drops_its_rate_and_rescales_the_rest():
+    x = jnp.ones((512, 1024))
+    out = np.asarray(Dropout(0.1)(x, key=jax.random.key(3)))
+    dropped = (out == 0).mean()
+    assert abs(dropped - 0.1) < 6 * np.sqrt(0.09 / out.size), dropped
+    np.testing.assert_allclose(out[out != 0], 1 / 0.9, rtol=1e-6)
+    np.testing.assert_array_equal(out, np.asarray(Dropout(0.1)(x, key=jax.random.key(3))))
 
 
 def test_gradients_reach_every_parameter():
