@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from studyrec.models.decoder import _pointer_weights
-from studyrec.models.mixture import CopyPointer, MemoryPointer, mixture
+from studyrec.models.mixture import CopyPointer, MemoryPointer, Scores, mixture
 
 N, V, M, K = 9, 13, 7, 4
 
@@ -70,6 +70,7 @@ def test_factored_equals_dense(seed, seen_bias, heads):
     got = scores.log_probs()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(jnp.exp(got).sum(-1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(scores.max(), got.max(-1))  # to the last bit
     targets = jnp.asarray(np.random.default_rng(seed).integers(0, V, N), jnp.int32)
     np.testing.assert_allclose(scores.at(targets), jnp.take_along_axis(want, targets[:, None], -1)[:, 0], rtol=1e-5, atol=1e-5)
     # Every title appears once among the slots in use.
@@ -166,3 +167,12 @@ def test_batched_scores_read_out_every_row_like_the_model(name):
     ours, theirs = eqx.filter_grad(together)(model), eqx.filter_grad(row_by_row)(model)
     for a, b in zip(jax.tree.leaves(eqx.filter(ours, eqx.is_array)), jax.tree.leaves(eqx.filter(theirs, eqx.is_array))):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_max_ignores_the_logits_at_slot_titles():
+    # The logits peak at a slot's title whose value is lower (a negative seen bias): the maximum is elsewhere.
+    logits = jnp.asarray([[0.0, 9.0, 1.0, 2.0]])
+    scores = Scores(logits, jnp.asarray([-0.5]), jnp.asarray([[1, 4]]), jnp.asarray([[-3.0, 7.0]]))
+    assert float(scores.max()[0]) == 1.5 == float(scores.log_probs().max())
+    lifted = scores._replace(values=jnp.asarray([[4.0, 7.0]]))
+    assert float(lifted.max()[0]) == 4.0 == float(lifted.log_probs().max())

@@ -42,6 +42,18 @@ class Scores(NamedTuple):
         titles, values = self.titles.reshape(dense.shape[0], -1), self.values.reshape(dense.shape[0], -1)
         return dense.at[rows, titles].set(values, mode="drop").reshape(*lead, vocab)
 
+    def max(self) -> Float[Array, "*n"]:
+        """``log_probs().max(-1)`` without writing the distribution out: the logits' maximum outside the
+        slots' titles plus ``base``, against the slots' values (``fl(x + base)`` is monotone in ``x``,
+        so the two agree to the last bit)."""
+        *lead, vocab = self.logits.shape
+        flat = self.logits.reshape(-1, vocab)
+        titles = self.titles.reshape(flat.shape[0], -1)
+        rows = jnp.arange(flat.shape[0])[:, None]
+        in_slots = jnp.zeros(flat.shape, bool).at[rows, titles].set(True, mode="drop")
+        outside = jnp.max(jnp.where(in_slots, -jnp.inf, flat), -1).reshape(lead) + self.base
+        return jnp.maximum(outside, jnp.max(jnp.where(self.titles < vocab, self.values, -jnp.inf), -1, initial=-jnp.inf))
+
     def at(self, targets: Int[Array, "*n"]) -> Float[Array, "*n"]:
         """The log-probability of ``targets[i]`` at position ``i``."""
         dense = jnp.take_along_axis(self.logits, targets[..., None], -1)[..., 0] + self.base

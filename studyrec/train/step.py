@@ -73,9 +73,8 @@ def weighted_metrics(scores: Scores, batch: Sample, oov: int, first_only: bool =
     targets = batch.titles
     target = scores.at(targets)
     xent = -target
-    # Correct: no title scores above the target (an argmax would materialise an index per title), with
-    # gradients stopped before the scatter, whose differentiable form scatters an id per title.
-    best = jnp.max(jax.lax.stop_gradient(scores).log_probs(), -1)
+    # Correct: no title scores above the target (an argmax would materialise an index per title).
+    best = jax.lax.stop_gradient(scores).max()
     correct = (jax.lax.stop_gradient(target) >= best).astype(jnp.float32) * weights
     return {
         "loss_sum": jnp.sum(xent * weights),
