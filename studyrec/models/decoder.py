@@ -86,8 +86,11 @@ def hashed_uniform_bits(key: PRNGKeyArray, shape: tuple[int, ...]) -> UInt[Array
     """uint32 draws for ``shape``: two words from ``key``, then ``mix32`` twice over each element's
     index, keyed by them. Elementwise, so XLA fuses the draws into whatever reads them and none is
     stored; a keyed permutation of the indices, so an array's draws never repeat."""
+    size = math.prod(shape)
+    if size > 2**32:
+        raise ValueError(f"{size} draws: more than 2**32 elements would repeat their indices")
     seed = jax.random.bits(key, (2,), jnp.uint32)
-    index = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
+    index = jax.lax.iota(jnp.uint32, size).reshape(shape)
     return mix32(mix32(index ^ seed[0]) ^ seed[1])
 
 
