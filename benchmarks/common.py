@@ -292,6 +292,7 @@ def preset_training(cfg, model, mesh, oov: int):
     """What ``experiments.train`` trains ``model`` with under the preset ``cfg``: ``(model, opt_state,
     step)``, the model and the optimizer's state placed on ``mesh``, ``step`` the jitted train step."""
     import equinox as eqx
+    import jax
 
     from studyrec.sharding import shard_params
     from studyrec.train.step import make_optimizer, make_train_step
@@ -301,7 +302,9 @@ def preset_training(cfg, model, mesh, oov: int):
         grad_clip=cfg.grad_clip, decay_all=cfg.decay_all_params,
     )
     model = shard_params(model, mesh)
-    return model, shard_params(optimizer.init(eqx.filter(model, eqx.is_inexact_array)), mesh), make_train_step(optimizer, oov)
+    opt_state = shard_params(optimizer.init(eqx.filter(model, eqx.is_inexact_array)), mesh)
+    jax.clear_caches()  # as experiments.train before it compiles the step: initialisation's executables go
+    return model, opt_state, make_train_step(optimizer, oov)
 
 
 def base_record(config, *, batch: int, seq_len: int) -> dict:

@@ -267,9 +267,10 @@ def test_studyrec_compilation_cache_off_writes_no_cache_anywhere(tmp_path):
     assert "compiled steps are not cached" in done.stderr
 
 
-def test_the_heap_is_handed_back_after_each_compilation_and_only_then():
+def test_the_heap_is_handed_back_around_large_compilations_and_only_then():
     """``trim_heap_after_compiles`` calls glibc's ``malloc_trim(0)`` after XLA compiles that take at least
-    ``TRIM_AFTER_S``; a cached function compiles nothing, so it trims nothing."""
+    ``TRIM_AFTER_S`` and after lowerings that take at least ``TRIM_BEFORE_S`` (before their compile);
+    a cached function compiles nothing, so it trims nothing."""
     done = python(
         """
 import ctypes
@@ -281,7 +282,7 @@ ctypes.CDLL = lambda name: FakeLibc()
 import jax, jax.numpy as jnp
 import experiments.cli
 from experiments.cli import trim_heap_after_compiles
-experiments.cli.TRIM_AFTER_S = 0.0
+experiments.cli.TRIM_AFTER_S, experiments.cli.TRIM_BEFORE_S = 0.0, 60.0
 x = jnp.ones(3)
 f = jax.jit(lambda x: jnp.sin(x) * 2)
 trim_heap_after_compiles()
@@ -291,12 +292,15 @@ f(x).block_until_ready()
 cached = len(calls)
 experiments.cli.TRIM_AFTER_S = 60.0
 jax.jit(lambda x: x + 1)(x).block_until_ready()
-print(compiled, cached, len(calls), set(calls))
+short = len(calls)
+experiments.cli.TRIM_BEFORE_S = 0.0
+jax.jit(lambda x: x + 2)(x).block_until_ready()
+print(compiled, cached, short, len(calls), set(calls))
 """
     )
     assert done.returncode == 0, done.stderr
-    compiled, cached, short, pads = done.stdout.strip().splitlines()[-1].split(" ", 3)
-    assert int(compiled) >= 1 and cached == compiled == short and pads == "{0}", done.stdout
+    compiled, cached, short, lowered, pads = done.stdout.strip().splitlines()[-1].split(" ", 4)
+    assert int(compiled) >= 1 and cached == compiled == short and int(lowered) == int(short) + 1 and pads == "{0}", done.stdout
 
 
 RESTART = """
