@@ -52,7 +52,8 @@ class Scores(NamedTuple):
         rows = jnp.arange(flat.shape[0])[:, None]
         in_slots = jnp.zeros(flat.shape, bool).at[rows, titles].set(True, mode="drop")
         outside = jnp.max(jnp.where(in_slots, -jnp.inf, flat), -1).reshape(lead) + self.base
-        return jnp.maximum(outside, jnp.max(jnp.where(self.titles < vocab, self.values, -jnp.inf), -1, initial=-jnp.inf))
+        inside = jnp.max(jnp.where(self.titles < vocab, self.values, -jnp.inf), -1, initial=-jnp.inf)
+        return jnp.maximum(outside, inside)
 
     def at(self, targets: Int[Array, "*n"]) -> Float[Array, "*n"]:
         """The log-probability of ``targets[i]`` at position ``i``."""

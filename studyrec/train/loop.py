@@ -208,7 +208,7 @@ def _compiled_step(job: Job, data: TrainingData, model, optimizer, opt_state):
     and W&B start: the compiler's transient memory (about 450 MB at ``cpu-small``) then adds to the
     smallest the process will be, which lowers the run's peak RSS."""
     cfg = job.cfg
-    jax.clear_caches()  # the eager ops of initialisation leave executables: about 90 MB at cpu-small, for the compiler to reuse
+    jax.clear_caches()  # initialisation's eager executables: about 90 MB at cpu-small, for the compiler to reuse
     example = data.train_packer.random_rows(cfg.seed, local_rows(0, job.global_batch, jax.process_index(), jax.process_count()))
     with warnings.catch_warnings():  # the batch's int arrays are donated with the rest, and cannot be reused
         warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
