@@ -40,9 +40,9 @@ def setup_logging() -> None:
 
 
 def tune_allocator() -> None:
-    """glibc's malloc set up for XLA's buffers (``return_large_buffers``, ``trim_heap_after_compiles``)."""
+    """glibc's malloc set up for XLA's buffers (``return_large_buffers``, ``trim_heap_around_compiles``)."""
     return_large_buffers()
-    trim_heap_after_compiles()
+    trim_heap_around_compiles()
 
 
 LARGE_BUFFER = 8 << 20
@@ -67,14 +67,14 @@ LOWERED = "/jax/core/compile/jaxpr_to_mlir_module_duration"
 
 
 TRIM_AFTER_S = 1.0
-"""Compilations at least this long are followed by a heap trim (``trim_heap_after_compiles``)."""
+"""Compilations at least this long are followed by a heap trim (``trim_heap_around_compiles``)."""
 
 TRIM_BEFORE_S = 0.25
 """Lowerings at least this long (a large program) are followed by a heap trim, before XLA compiles."""
 
 
 @functools.cache  # one listener per process, however often the CLI is set up
-def trim_heap_after_compiles() -> None:
+def trim_heap_around_compiles() -> None:
     """Hands glibc's free heap back to the system around each large XLA compilation.
 
     Compiling the ``cpu-small`` train step takes about 500 MB of small allocations. They are freed

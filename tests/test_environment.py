@@ -268,7 +268,7 @@ def test_studyrec_compilation_cache_off_writes_no_cache_anywhere(tmp_path):
 
 
 def test_the_heap_is_handed_back_around_large_compilations_and_only_then():
-    """``trim_heap_after_compiles`` calls glibc's ``malloc_trim(0)`` after XLA compiles that take at least
+    """``trim_heap_around_compiles`` calls glibc's ``malloc_trim(0)`` after XLA compiles that take at least
     ``TRIM_AFTER_S`` and after lowerings that take at least ``TRIM_BEFORE_S`` (before their compile);
     a cached function compiles nothing, so it trims nothing."""
     done = python(
@@ -281,11 +281,11 @@ class FakeLibc:
 ctypes.CDLL = lambda name: FakeLibc()
 import jax, jax.numpy as jnp
 import experiments.cli
-from experiments.cli import trim_heap_after_compiles
+from experiments.cli import trim_heap_around_compiles
 experiments.cli.TRIM_AFTER_S, experiments.cli.TRIM_BEFORE_S = 0.0, 60.0
 x = jnp.ones(3)
 f = jax.jit(lambda x: jnp.sin(x) * 2)
-trim_heap_after_compiles()
+trim_heap_around_compiles()
 f(x).block_until_ready()
 compiled = len(calls)
 f(x).block_until_ready()
