@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 
 from studyrec.data import Chunks, ClassroomPacker, Interactions, Vocabulary, make_chunks, pack_histories
-from studyrec.data.packing import Placements, compose
-from studyrec.data.pipeline import eval_batches, local_rows, training_batches
+from studyrec.data.packing import Placements, compose, local_rows
+from studyrec.data.pipeline import eval_batches, training_batches
 
 SEP = 50
 # The reference's sampler fixture (spec §10): 11 chunks, 7 students in two classrooms.

@@ -171,6 +171,15 @@ def token_owners(num_rows: int, where: Placements, segments: np.ndarray) -> np.n
     return np.where(segments > 0, owner[np.arange(num_rows)[:, None], segments], -1)
 
 
+def local_rows(step: int, global_batch: int, process_index: int, process_count: int) -> np.ndarray:
+    """Row indices of this process's slice of global batch ``step``: rows ``step * global_batch ..``, split
+    into contiguous slices, one per JAX process (see :mod:`studyrec.data.pipeline`)."""
+    if global_batch % process_count:
+        raise ValueError(f"global batch {global_batch} does not divide over {process_count} processes")
+    local = global_batch // process_count
+    return step * global_batch + process_index * local + np.arange(local, dtype=np.int64)
+
+
 class ClassroomPacker:
     """Packs the chunks of ``data`` into classroom rows of ``seq_len`` tokens.
 

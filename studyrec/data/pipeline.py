@@ -13,15 +13,7 @@ import os
 import grain
 import numpy as np
 
-from studyrec.data.packing import ClassroomPacker, EvalLayout, Sample
-
-
-def local_rows(step: int, global_batch: int, process_index: int, process_count: int) -> np.ndarray:
-    """Row indices of this process's slice of global batch ``step``."""
-    if global_batch % process_count:
-        raise ValueError(f"global batch {global_batch} does not divide over {process_count} processes")
-    local = global_batch // process_count
-    return step * global_batch + process_index * local + np.arange(local, dtype=np.int64)
+from studyrec.data.packing import ClassroomPacker, EvalLayout, Sample, local_rows
 
 
 def training_batches(
