@@ -390,3 +390,19 @@ def test_a_query_row_by_hand():
     assert s.grade_level.tolist() == [3, 0] and rows.query_col.tolist() == [2, 0]
     assert rows.carried_title.tolist() == [[0, 2, 3, 0, 0, 4, 5, 0, 0, 6, 0, 0], [0] * 12]
     assert rows.carried_time.tolist() == [[0, 200, 300, 0, 0, 150, 400, 0, 0, 250, 0, 0], [0] * 12]
+
+
+def test_batches_are_packed_one_ahead_of_the_one_being_read():
+    from studyrec.recommend.run import _one_ahead
+
+    events = []
+
+    def made():
+        for i in range(3):
+            events.append(f"made {i}")
+            yield i
+
+    for i in _one_ahead(made()):
+        events.append(f"read {i}")
+    assert events == ["made 0", "made 1", "read 0", "made 2", "read 1", "read 2"]
+    assert list(_one_ahead(iter([]))) == []
