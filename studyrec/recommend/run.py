@@ -43,7 +43,6 @@ not renormalised)."""
 RECOMMENDATION_COLUMNS = ("StudentID", "rank", "title", "score")
 _ACTIVITY_COLUMNS = ("StudentID", "SHLF_NUM", "timestamp")
 _ACTIVATION_BUDGET = 1 << 25  # floats of one batch's widest activations, [rows, seq, max(mlp, heads * seq)]
-T = TypeVar("T")
 _CPU_BATCH = 64  # on CPU small batches stay in cache: 64 rows ran 1.5x faster than 256 (benchmarks.eval_throughput)
 
 
@@ -82,6 +81,9 @@ def as_seconds(moment) -> int:
     stamp = stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
     nanos = int(stamp.as_unit("ns").value)
     return -(-nanos // 10**9)
+
+
+T = TypeVar("T")
 
 
 def _one_ahead(items: Iterable[T]) -> Iterator[T]:
