@@ -211,10 +211,9 @@ print(sorted(m for m in ("grain", "orbax.checkpoint", "studyrec.evaluate") if m 
 
 def test_the_train_step_compiles_before_grain_orbax_and_the_evaluation_load(tmp_path):
     """The compiler's transient memory stacks on the process as it is then: about 50 MB smaller without them."""
-    import subprocess
-    import sys
+    from test_environment import python
 
-    done = subprocess.run([sys.executable, "-c", COMPILE_FIRST, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    done = python(COMPILE_FIRST, str(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
     at_compile, after = done.stdout.strip().splitlines()[-2:]
     assert at_compile == "[]"
