@@ -1,6 +1,11 @@
-"""Device mesh, the logical-axis rule table, placing host batches on it and gathering results back."""
+"""Device mesh, the logical-axis rule table, placing host batches on it, scoring them, gathering results back."""
 
 from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import equinox as eqx
 import jax
@@ -70,3 +75,30 @@ def barrier(name: str) -> None:
     """Waits until every process gets here (with the same ``name``); nothing with one process."""
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
+
+
+T, R = TypeVar("T"), TypeVar("R")
+
+
+def scoring_workers() -> int:
+    """Batches to score at once: two in a single CPU process, whose top-k, gathers and scatters run
+    on one core each (two batches at once fill both: 1.2-1.4x the students per second); one
+    otherwise, so that every process launches its programs and collectives in the same order."""
+    return 2 if jax.process_count() == 1 and jax.default_backend() == "cpu" else 1
+
+
+def in_order(fn: Callable[[T], R], items: Iterable[T], workers: int | None = None) -> Iterator[R]:
+    """``map(fn, items)`` with up to ``workers`` (default :func:`scoring_workers`) calls running at
+    once on threads, results in order. A program launched from a thread runs on it on CPU."""
+    workers = scoring_workers() if workers is None else workers
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        running = collections.deque()
+        for item in items:
+            running.append(pool.submit(fn, item))
+            if len(running) == workers:
+                yield running.popleft().result()
+        while running:
+            yield running.popleft().result()

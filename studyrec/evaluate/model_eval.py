@@ -18,7 +18,7 @@ from studyrec.data.pipeline import eval_batches, prefetching
 from studyrec.data.vocab import Vocabulary
 from studyrec.evaluate.metrics import StudentStats, aggregate_table, per_student_table, subset_masks, target_ranks
 from studyrec.models import DecoderModel, batched_logits
-from studyrec.sharding import gather, place_batch
+from studyrec.sharding import gather, in_order, place_batch
 from studyrec.evaluate.topk import top_titles
 
 
@@ -53,11 +53,16 @@ def predict_topk(
     dataset = eval_batches(
         layout, global_batch=global_batch, process_index=jax.process_index(), process_count=jax.process_count()
     )
-    out = np.zeros((layout.packer.data.num_interactions, k), np.int32)
-    for sample, source in tqdm(prefetching(dataset), total=len(dataset), desc="evaluate", disable=not progress, leave=False):
+
+    def scored(item: tuple[Sample, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        sample, source = item
         top = gather(top_titles_everywhere(model, place_batch(sample, mesh), k, num_titles))
         # Through the mesh like the sample, so its rows line up with ``top`` whatever the device order.
-        source = gather(place_batch(source.astype(np.int32), mesh) if jax.process_count() > 1 else source)
+        return top, gather(place_batch(source.astype(np.int32), mesh) if jax.process_count() > 1 else source)
+
+    out = np.zeros((layout.packer.data.num_interactions, k), np.int32)
+    batches = tqdm(prefetching(dataset), total=len(dataset), desc="evaluate", disable=not progress, leave=False)
+    for top, source in in_order(scored, batches):
         covered = source >= 0
         out[source[covered]] = top[covered]
     return out

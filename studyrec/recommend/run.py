@@ -33,6 +33,7 @@ from studyrec.evaluate.topk import top_titles
 from studyrec.models import DecoderModel, ModelConfig, memory_options
 from studyrec.recommend.explain import dates, query_attention
 from studyrec.recommend.explain import explain as explain_titles
+from studyrec.sharding import in_order
 
 logger = logging.getLogger("studyrec.recommend")
 
@@ -203,15 +204,15 @@ class Run:
         tops, scores, texts = [], [], []
         memory = self._memory(history)
 
-        def dispatched():
-            for lo in tqdm(range(0, R, batch_size), total=num_batches, desc="recommend", disable=not show, leave=False):
-                rows = np.arange(lo, min(lo + batch_size, R))
-                packed = compose_queries(history, layout, rows, batch_size, as_of_s, self.vocab.sep, memory)
-                exclude = self._exclude_batch(read, rows, batch_size)
-                log_probs = _query_log_probs(self.model, packed.sample, packed.query_col)
-                yield rows, packed, top_titles(log_probs, k, self.vocab.num_titles, exclude)  # not awaited
+        def dispatched(lo: int):
+            rows = np.arange(lo, min(lo + batch_size, R))
+            packed = compose_queries(history, layout, rows, batch_size, as_of_s, self.vocab.sep, memory)
+            exclude = self._exclude_batch(read, rows, batch_size)
+            log_probs = _query_log_probs(self.model, packed.sample, packed.query_col)
+            return rows, packed, top_titles(log_probs, k, self.vocab.num_titles, exclude)  # not awaited
 
-        for rows, packed, (top, score) in _one_ahead(dispatched()):
+        starts = tqdm(range(0, R, batch_size), total=num_batches, desc="recommend", disable=not show, leave=False)
+        for rows, packed, (top, score) in _one_ahead(in_order(dispatched, starts)):
             top, score = np.asarray(top)[: len(rows)], np.asarray(score)[: len(rows)]
             tops.append(top)
             scores.append(score)
