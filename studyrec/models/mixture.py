@@ -42,18 +42,18 @@ class Scores(NamedTuple):
         titles, values = self.titles.reshape(dense.shape[0], -1), self.values.reshape(dense.shape[0], -1)
         return dense.at[rows, titles].set(values, mode="drop").reshape(*lead, vocab)
 
-    def count_above(self, threshold: Float[Array, "*n"]) -> Int[Array, "*n"]:
-        """How many titles score above ``threshold[i]`` at position ``i``, as ``log_probs()`` would,
-        without writing the distribution out: the titles whose ``logits + base`` is above it, less
-        the slots' titles among them, plus the slots whose values are (each title is in one slot at
-        most). Computed by the same ``fl(x + base)``, so the count is exact."""
-        vocab = self.logits.shape[-1]
-        edge, base = threshold[..., None], self.base[..., None]
-        dense = jnp.sum(self.logits + base > edge, -1, dtype=jnp.int32)
-        used = self.titles < vocab
-        at_slots = jnp.take_along_axis(self.logits, jnp.where(used, self.titles, 0), -1) + base
-        slots = jnp.sum(used & (self.values > edge), -1, dtype=jnp.int32)
-        return dense - jnp.sum(used & (at_slots > edge), -1, dtype=jnp.int32) + slots
+    def max(self) -> Float[Array, "*n"]:
+        """``log_probs().max(-1)`` without writing the distribution out: the logits' maximum outside the
+        slots' titles plus ``base``, against the slots' values (``fl(x + base)`` is monotone in ``x``,
+        so the two agree to the last bit)."""
+        *lead, vocab = self.logits.shape
+        flat = self.logits.reshape(-1, vocab)
+        titles = self.titles.reshape(flat.shape[0], -1)
+        rows = jnp.arange(flat.shape[0])[:, None]
+        in_slots = jnp.zeros(flat.shape, bool).at[rows, titles].set(True, mode="drop")
+        outside = jnp.max(jnp.where(in_slots, -jnp.inf, flat), -1).reshape(lead) + self.base
+        inside = jnp.max(jnp.where(self.titles < vocab, self.values, -jnp.inf), -1, initial=-jnp.inf)
+        return jnp.maximum(outside, inside)
 
     def at(self, targets: Int[Array, "*n"]) -> Float[Array, "*n"]:
         """The log-probability of ``targets[i]`` at position ``i``."""

@@ -66,17 +66,16 @@ def weighted_metrics(scores: Scores, batch: Sample, oov: int, first_only: bool =
 
     Targets are every real token (separators and padding excluded, OOV included, as the reference),
     or with ``first_only`` the tokens of each row's first student (the one a focus row is about).
-    The loss reads the targets' log-probabilities and the accuracy counts the titles above them;
-    neither writes the distribution out over the vocabulary. A prediction is correct when no title
-    scores above the target (a tie counts).
+    The loss reads the targets' log-probabilities; only the accuracy's maximum writes out the
+    vocabulary. A prediction is correct when no title scores above the target (a tie counts).
     """
     weights = ((batch.segments == 1) if first_only else (batch.segments > 0)).astype(jnp.float32)
     targets = batch.titles
     target = scores.at(targets)
     xent = -target
     # Correct: no title scores above the target (an argmax would materialise an index per title).
-    beaten = jax.lax.stop_gradient(scores).count_above(jax.lax.stop_gradient(target))
-    correct = (beaten == 0).astype(jnp.float32) * weights
+    best = jax.lax.stop_gradient(scores).max()
+    correct = (jax.lax.stop_gradient(target) >= best).astype(jnp.float32) * weights
     return {
         "loss_sum": jnp.sum(xent * weights),
         "correct": jnp.sum(correct),
