@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -82,9 +83,17 @@ T, R = TypeVar("T"), TypeVar("R")
 
 def scoring_workers() -> int:
     """Batches to score at once: two in a single CPU process, whose top-k, gathers and scatters run
-    on one core each (two batches at once fill both: 1.2-1.4x the students per second); one
-    otherwise, so that every process launches its programs and collectives in the same order."""
-    return 2 if jax.process_count() == 1 and jax.default_backend() == "cpu" else 1
+    on one core each (two batches at once fill both: 1.2-1.4x the students per second, for one more
+    batch's scratch memory); one otherwise, so that every process launches its programs and
+    collectives in the same order. ``STUDYREC_SCORING_WORKERS`` sets it for a single process."""
+    if jax.process_count() > 1:
+        return 1
+    value = os.environ.get("STUDYREC_SCORING_WORKERS", "")
+    if not value:
+        return 2 if jax.default_backend() == "cpu" else 1
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"STUDYREC_SCORING_WORKERS={value!r}: give a positive number of batches to score at once")
+    return int(value)
 
 
 def in_order(fn: Callable[[T], R], items: Iterable[T], workers: int | None = None) -> Iterator[R]:

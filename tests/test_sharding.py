@@ -48,8 +48,15 @@ def test_in_order_raises_what_a_call_raises():
     assert got == [0, 1, 2]
 
 
-def test_two_workers_on_a_single_cpu_process():
+def test_two_workers_on_a_single_cpu_process_unless_set(monkeypatch):
+    monkeypatch.delenv("STUDYREC_SCORING_WORKERS", raising=False)
     assert sharding.scoring_workers() == (2 if jax.default_backend() == "cpu" else 1)
+    monkeypatch.setenv("STUDYREC_SCORING_WORKERS", "1")
+    assert sharding.scoring_workers() == 1
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("STUDYREC_SCORING_WORKERS", bad)
+        with pytest.raises(ValueError, match=f"STUDYREC_SCORING_WORKERS='{bad}'"):
+            sharding.scoring_workers()
 
 
 def test_evaluation_and_recommendation_are_the_same_scored_one_or_two_at_a_time(monkeypatch, tmp_path):
