@@ -98,7 +98,8 @@ def scoring_workers() -> int:
 
 def in_order(fn: Callable[[T], R], items: Iterable[T], workers: int | None = None) -> Iterator[R]:
     """``map(fn, items)`` with up to ``workers`` (default :func:`scoring_workers`) calls running at
-    once on threads, results in order. A program launched from a thread runs on it on CPU."""
+    once on threads, results in order. On CPU a program runs on the thread that launches it, so two
+    threads run two programs side by side (one thread's programs run one after another)."""
     workers = scoring_workers() if workers is None else workers
     if workers <= 1:
         yield from map(fn, items)
