@@ -83,7 +83,7 @@ T, R = TypeVar("T"), TypeVar("R")
 
 def scoring_workers() -> int:
     """Batches to score at once: two in a single CPU process, whose top-k, gathers and scatters run
-    on one core each (two batches at once fill both: 1.2-1.4x the students per second, for one more
+    on one core each (two batches at once fill both: 1.1-1.4x the students per second, for one more
     batch's scratch memory); one otherwise, so that every process launches its programs and
     collectives in the same order. ``STUDYREC_SCORING_WORKERS`` sets it for a single process."""
     if jax.process_count() > 1:
