@@ -218,3 +218,10 @@ def test_the_train_step_compiles_before_grain_orbax_and_the_evaluation_load(tmp_
     at_compile, after = done.stdout.strip().splitlines()[-2:]
     assert at_compile == "[]"
     assert after == "['grain', 'orbax.checkpoint', 'studyrec.evaluate']"  # the check can see them
+
+
+def test_a_bad_scoring_workers_variable_stops_the_job_before_anything_is_written(tmp_path, monkeypatch):
+    monkeypatch.setenv("STUDYREC_SCORING_WORKERS", "none")
+    with pytest.raises(ValueError, match="STUDYREC_SCORING_WORKERS='none'"):
+        train(parse(["--steps", "2", "--output-dir", str(tmp_path / "run"), "--wandb.mode", "disabled"]))
+    assert not (tmp_path / "run").exists()

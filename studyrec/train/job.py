@@ -24,7 +24,7 @@ from studyrec.data.memory import ClassroomMemory
 from studyrec.data.packing import ClassroomPacker, local_rows
 from studyrec.data.vocab import Vocabulary
 from studyrec.models import build, memory_options
-from studyrec.sharding import make_mesh, place_batch, shard_params
+from studyrec.sharding import make_mesh, place_batch, scoring_workers, shard_params
 from studyrec.train.checks import check_flags, check_memory, check_run_dir, resolve_steps
 from studyrec.train.step import make_optimizer, make_train_step
 
@@ -68,6 +68,7 @@ def make_packer(
 def plan(cfg: TrainConfig) -> Job:
     """Checks every flag (before anything is read or written) and lays out the devices."""
     check_flags(cfg, jax.device_count())
+    scoring_workers()  # the final evaluation's: a bad STUDYREC_SCORING_WORKERS stops the job now, not after training
     run_dir = Path(cfg.run_dir())
     check_run_dir(run_dir)
     # config.json records what is used
