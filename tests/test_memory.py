@@ -13,6 +13,7 @@ from studyrec.data.interactions import Interactions
 from studyrec.data.memory import DAY, ClassroomMemory
 from studyrec.data.packing import ClassroomPacker
 from studyrec.models import ModelConfig, Study, build
+from studyrec.models.decoder import DistinctTitles, distinct_titles, slot_affinity
 
 SEP = 40
 TINY = dict(vocab_size=41, num_layers=2, d_model=32, qkv_dim=32, num_heads=2, mlp_dim=32, max_len=64)
@@ -141,3 +142,64 @@ def test_titles_rank_by_reads_then_latest_then_id(wide):
     last = rng.integers(0, 2**61 if wide else 1000, 2000)  # 61 bits of time: too wide to pack
     expected = np.lexsort((np.arange(2000), -last, -reads, summary))
     np.testing.assert_array_equal(_rank_titles(summary, reads, last), expected)
+
+
+def test_each_rows_distinct_memory_titles_hold_every_slots_title_once():
+    packer = packer_with_memory()
+    sample, _ = packer.compose(8, packer.random_placements(3, np.arange(8)))
+    titles = jnp.asarray(sample.memory_titles)
+    counts = [len(np.unique(row[row > 0])) for row in sample.memory_titles]
+    assert max(counts) > 6, "rows whose slots repeat titles"
+    distinct = distinct_titles(titles, 40, max(counts))
+    assert bool(distinct.fits)
+    for row, found, count in zip(sample.memory_titles, np.asarray(distinct.titles), counts):
+        np.testing.assert_array_equal(found[:count], np.unique(row[row > 0]))  # each once, in order
+        assert (found[count:] == 0).all()
+    at_slots = jnp.take_along_axis(distinct.titles, distinct.slots.reshape(8, -1), 1).reshape(titles.shape)
+    np.testing.assert_array_equal(np.where(titles > 0, at_slots, 0), titles)
+    assert not bool(distinct_titles(titles, 40, max(counts) - 1).fits)
+
+
+@pytest.mark.parametrize("fits", [True, False])
+def test_slot_affinity_scores_distinct_titles_once_or_else_each_slot(fits):
+    rng = np.random.default_rng(1)
+    q, table = jnp.asarray(rng.normal(size=(5, 8)), jnp.float32), jnp.asarray(rng.normal(size=(40, 8)), jnp.float32)
+    titles = jnp.asarray(rng.integers(0, 40, (1, 5, 6)), jnp.int32)
+    one_by_one = slot_affinity(q, table, titles[0], dense=False)
+    distinct = distinct_titles(titles, 40, 30)
+    row = DistinctTitles(distinct.titles[0], distinct.slots[0], jnp.asarray(fits))
+    np.testing.assert_allclose(slot_affinity(q, table, titles[0], dense=False, distinct=row), one_by_one, rtol=1e-5, atol=1e-6)
+    # Wrong distinct titles tell which form ran: the slots read them only where they fit.
+    wrong = slot_affinity(q, table, titles[0], dense=False, distinct=row._replace(titles=row.titles[::-1]))
+    assert bool(jnp.any(wrong != one_by_one)) == fits
+
+
+@pytest.mark.parametrize("fits", [True, False])
+def test_a_batch_scores_each_rows_distinct_memory_titles_once_with_the_same_scores_and_gradients(fits, monkeypatch):
+    from studyrec.models import batched_scores, decoder
+
+    packer = packer_with_memory()
+    sample, _ = packer.compose(4, packer.random_placements(2, np.arange(4)))
+    sample = jax.tree.map(jnp.asarray, sample)
+    if not fits:
+        monkeypatch.setattr(decoder, "DISTINCT_PER_SLOT", 1)  # 6 distinct titles a row: fewer than its rows hold
+    m = model()
+    assert bool(m.distinct_memory(sample).fits) == fits
+
+    static = eqx.filter(m, eqx.is_inexact_array, inverse=True)
+
+    def loss(params):
+        scores = batched_scores(eqx.combine(params, static), sample)
+        return jnp.sum(jnp.where(sample.segments > 0, scores.at(sample.titles), 0.0)), scores
+
+    params = eqx.filter(m, eqx.is_inexact_array)
+    (value, scores), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    with monkeypatch.context() as patch:
+        patch.setattr(Study, "distinct_memory", lambda self, batch: None)  # every slot scored one by one
+        (value_1, scores_1), grads_1 = jax.value_and_grad(loss, has_aux=True)(params)
+    same = (lambda a, b: np.testing.assert_array_equal(a, b)) if not fits else (
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    )
+    same(value, value_1)
+    jax.tree.map(same, scores, scores_1)
+    jax.tree.map(same, grads, grads_1)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 
 from studyrec.data.packing import Sample
-from studyrec.models.decoder import DecoderModel
+from studyrec.models.decoder import DecoderModel, DistinctTitles
 from studyrec.models.mixture import Scores, mixture
 from studyrec.models.masks import individual_mask, study_mask
 from studyrec.models.registry import register
@@ -81,12 +81,13 @@ class StudyReference(Individual):
         return study_mask(sample.segments, sample.timestamps)
 
 
-def _every_row(per_row, batch: Sample, key: PRNGKeyArray | None):
-    """``per_row(sample, key=...)`` over the rows of a batch, each with its own dropout key (none without ``key``)."""
+def _every_row(per_row, batch: Sample, key: PRNGKeyArray | None, *per_row_args):
+    """``per_row(sample, *args, key=...)`` over the rows of a batch (and of ``per_row_args``), each with
+    its own dropout key (none without ``key``)."""
     if key is None:
-        return jax.vmap(lambda sample: per_row(sample, key=None))(batch)
+        return jax.vmap(lambda sample, *args: per_row(sample, *args, key=None))(batch, *per_row_args)
     keys = jax.random.split(key, batch.titles.shape[0])
-    return jax.vmap(lambda sample, k: per_row(sample, key=k))(batch, keys)
+    return jax.vmap(lambda sample, k, *args: per_row(sample, *args, key=k))(batch, keys, *per_row_args)
 
 
 def batched_logits(model: DecoderModel, batch: Sample, key: PRNGKeyArray | None = None) -> Float[Array, "batch seq vocab"]:
@@ -99,11 +100,18 @@ def batched_scores(model: DecoderModel, batch: Sample, key: PRNGKeyArray | None 
 
     ``model.scores`` on every row, with the output layer applied to the whole batch at once: one
     ``[batch * seq, d] @ [d, vocab]`` product, whose gradient ``matmul_rows`` computes without
-    transposing the ``[batch * seq, vocab]`` output gradient.
+    transposing the ``[batch * seq, vocab]`` output gradient. A memory head on a CPU scores each
+    row's memory titles once each (``DecoderModel.distinct_memory``). :func:`batched_logits`, which
+    evaluation uses, scores them slot by slot: without a gradient that was as fast (43.1 against
+    43.0 ms per 32 rows of the default model), and its results stay as they were to the last bit.
     """
-    def inputs(sample: Sample, key: PRNGKeyArray | None):
-        return model.readout_inputs(sample, model.hidden(sample, key=key))
+    distinct = model.distinct_memory(batch)
 
-    queries, copy, memory = _every_row(inputs, batch, key)
+    def inputs(sample: Sample, titles, slots, key: PRNGKeyArray | None):
+        row = None if distinct is None else DistinctTitles(titles, slots, distinct.fits)  # one ``fits`` for the batch
+        return model.readout_inputs(sample, model.hidden(sample, key=key), distinct=row)
+
+    per_row = (None, None) if distinct is None else (distinct.titles, distinct.slots)
+    queries, copy, memory = _every_row(inputs, batch, key, *per_row)
     logits = model.decoder.project(queries, batch.grade_level)
     return jax.vmap(mixture)(logits, copy, memory)
