@@ -391,7 +391,7 @@ def slot_affinity(
     took a third of a `paper` step. On a CPU, with the row's ``distinct`` titles (one row's, with the
     batch's ``fits``), each query scores each distinct title once and the slots read their column:
     a row's 2,080 slots hold about 80 titles, and gathering a table row per slot, and scattering its
-    gradient back, took 7% of a ``cpu-small`` step. Else (or where they do not fit) the slots are
+    gradient back, cost 5.5-7.3% of a ``cpu-small`` step. Else (or where they do not fit) the slots are
     scored one by one."""
     table = embeddings.astype(jnp.float32)
     if dense:
