@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -93,3 +94,34 @@ def test_evaluation_and_recommendation_are_the_same_scored_one_or_two_at_a_time(
     assert layout.num_batches(8) > 2 and (want_topk > 0).any()
     np.testing.assert_array_equal(topk, want_topk)
     pd.testing.assert_frame_equal(recs, want_recs)
+
+
+def test_the_probe_evaluation_scores_the_same_rows_in_parts_at_once(monkeypatch, tmp_path):
+    """With two batches scored at once, each global batch's probe rows go in two halves: the same
+    rows, the same sums, and one global batch's rows in memory at a time."""
+    from benchmarks.common import generated_packer
+    from studyrec.config import PRESETS
+    from studyrec.models import build, memory_options
+    from studyrec.train import fit, hooks
+    from studyrec.train.job import Job
+
+    cfg = PRESETS["default"]
+    packer, vocab = generated_packer(200, seq_len=cfg.seq_len, chunk=cfg.chunk_size, vocab_size=300,
+                                     memory=memory_options("study", cfg.arch))
+    model = build("study", cfg.model_config(vocab.logits_size, jax.default_backend()), key=jax.random.key(0))
+    per_device = 2
+    job = Job(dataclasses.replace(cfg, eval_rows=40), sharding.make_mesh(), per_device * jax.device_count(), 0.0, tmp_path, True)
+    probes, scores = {}, {}
+    for workers in (1, 2, 3):
+        monkeypatch.setattr(sharding, "scoring_workers", lambda w=workers: w)
+        probes[workers] = fit._probes(job, packer)
+        evaluation = hooks.Evaluation({"valid_": probes[workers]}, every=1, oov=vocab.oov, first_only=False, best=None)
+        scores[workers] = evaluation.scores(model)
+    whole = -(-40 // job.global_batch)
+    assert [len(probes[w]) for w in (1, 2, 3)] == [whole, 2 * whole, whole]  # 3 parts would not divide over the devices
+    assert {int(b.titles.shape[0]) for b in probes[2]} == {job.global_batch // 2}
+    rows = {w: np.concatenate([np.asarray(b.titles) for b in probes[w]]) for w in (1, 2)}
+    np.testing.assert_array_equal(rows[2], rows[1])
+    assert scores[1]["valid_loss"] > 0
+    for name, value in scores[1].items():
+        assert scores[2][name] == pytest.approx(value, rel=1e-6)

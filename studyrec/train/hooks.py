@@ -18,6 +18,7 @@ import jax
 from studyrec.checkpoint import Checkpoints
 from studyrec.data.packing import Sample
 from studyrec.errors import TrainingError
+from studyrec.sharding import in_order
 from studyrec.train.best import BestParameters
 from studyrec.train.step import eval_sums, summarise
 from studyrec.train.tracking import Tracker
@@ -99,7 +100,8 @@ class Evaluation:
         results = {}
         for prefix, batches in self.probes.items():
             if batches:
-                sums = [eval_sums(inference, batch, self.oov, self.first_only) for batch in batches]
+                scored = lambda batch: jax.block_until_ready(eval_sums(inference, batch, self.oov, self.first_only))  # noqa: E731
+                sums = list(in_order(scored, batches))  # on a CPU, two at once
                 results.update(summarise(jax.tree.map(lambda *parts: sum(parts), *sums), prefix))
         return results
 

@@ -94,7 +94,7 @@ class MemoryEstimate:
     probes: int
     """The fixed train and validation batches, resident, scored every --eval-every steps."""
     probe_eval: int
-    """Scoring the probes, one global batch at a time."""
+    """Scoring the probes, one global batch's rows at a time (in parts scored at once, on a CPU)."""
     final_eval: int
     """One batch of the final evaluation (inference and top-k)."""
     host: int
