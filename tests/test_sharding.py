@@ -115,10 +115,14 @@ def test_the_probe_evaluation_scores_the_same_rows_in_parts_at_once(monkeypatch,
     for workers in (1, 2, 3):
         monkeypatch.setattr(sharding, "scoring_workers", lambda w=workers: w)
         probes[workers] = fit._probes(job, packer)
-        evaluation = hooks.Evaluation({"valid_": probes[workers]}, every=1, oov=vocab.oov, first_only=False, best=None)
+        evaluation = hooks.Evaluation(
+            {"valid_": probes[workers]}, every=1, oov=vocab.oov, first_only=False, best=None, at_once=fit._probe_parts(job)
+        )
         scores[workers] = evaluation.scores(model)
     whole = -(-40 // job.global_batch)
     assert [len(probes[w]) for w in (1, 2, 3)] == [whole, 2 * whole, whole]  # 3 parts would not divide over the devices
+    monkeypatch.setattr(sharding, "scoring_workers", lambda: 3)
+    assert fit._probe_parts(job) == 1, "whole batches are scored one at a time"
     assert {int(b.titles.shape[0]) for b in probes[2]} == {job.global_batch // 2}
     rows = {w: np.concatenate([np.asarray(b.titles) for b in probes[w]]) for w in (1, 2)}
     np.testing.assert_array_equal(rows[2], rows[1])

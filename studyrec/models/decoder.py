@@ -378,6 +378,12 @@ def distinct_titles(titles: Int[ArrayLike, "rows n k"], vocab: int, size: int) -
     return DistinctTitles(distinct, jnp.clip(slots, 0, size - 1), jnp.all(place[:, -1] < size))
 
 
+def scores_every_title() -> bool:
+    """Whether ``slot_affinity`` takes its dense form here: on an accelerator, not on a CPU (the
+    same numbers either way, up to rounding)."""
+    return jax.default_backend() != "cpu"
+
+
 def slot_affinity(
     q: Float[Array, "n d"],
     embeddings: Float[Array, "vocab d"],
@@ -441,8 +447,7 @@ class MemoryHead(eqx.Module):
         """The pointer and gate at each query; a query with an empty memory keeps what precedes it.
         ``distinct``: the row's titles, each once (``slot_affinity``)."""
         q = queries.astype(jnp.float32)
-        dense = jax.default_backend() != "cpu"  # the same numbers either way, up to rounding
-        affinity = slot_affinity(q @ self.wq, embeddings, jnp.asarray(titles), dense=dense, distinct=distinct)
+        affinity = slot_affinity(q @ self.wq, embeddings, jnp.asarray(titles), dense=scores_every_title(), distinct=distinct)
         affinity = affinity / math.sqrt(q.shape[-1])
         count = jnp.log(jnp.maximum(reads, 1).astype(jnp.float32))
         scores = affinity + self.gain * (self.reads * count - self.recency * log_gap)
@@ -652,7 +657,7 @@ class DecoderModel(eqx.Module):
         """Each row's memory titles, each once (``slot_affinity``), where scoring them so is the cheaper
         form: a memory head on a CPU, with more slots in a row than the distinct titles allowed."""
         decoder = self.decoder
-        if decoder.memory is None or batch.memory_titles is None or jax.default_backend() != "cpu":
+        if decoder.memory is None or batch.memory_titles is None or scores_every_title():
             return None
         *_, n, k = batch.memory_titles.shape
         size = DISTINCT_PER_SLOT * k

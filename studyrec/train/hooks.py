@@ -90,10 +90,14 @@ class TrainMetrics:
 
 class Evaluation:
     """Loss and accuracy of the inference-mode model on fixed train and validation batches every
-    ``every`` steps, and the best parameters by validation accuracy (``best``)."""
+    ``every`` steps, ``at_once`` batches at a time, and the best parameters by validation accuracy (``best``)."""
 
-    def __init__(self, probes: dict[str, list[Sample]], *, every: int, oov: int, first_only: bool, best: BestParameters | None):
+    def __init__(
+        self, probes: dict[str, list[Sample]], *, every: int, oov: int, first_only: bool, best: BestParameters | None,
+        at_once: int = 1,
+    ):
         self.probes, self.every, self.oov, self.first_only, self.best = probes, every, oov, first_only, best
+        self.at_once = at_once
 
     def scores(self, model) -> dict:
         inference = eqx.nn.inference_mode(model)
@@ -101,7 +105,7 @@ class Evaluation:
         for prefix, batches in self.probes.items():
             if batches:
                 scored = lambda batch: jax.block_until_ready(eval_sums(inference, batch, self.oov, self.first_only))  # noqa: E731
-                sums = list(in_order(scored, batches))  # on a CPU, two at once
+                sums = list(in_order(scored, batches, workers=self.at_once))
                 results.update(summarise(jax.tree.map(lambda *parts: sum(parts), *sums), prefix))
         return results
 
