@@ -225,25 +225,35 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str,
 # --- analytic FLOP counts --------------------------------------------------------------------------
 
 
-def decoder_flops_per_token(config, seq_len: int) -> dict:
+def decoder_flops_per_token(config, seq_len: int, streams: int = 1) -> dict:
     """Matmul FLOPs per token of one forward pass (embedding lookups excluded).
 
     Per layer: q, k, v and output projections, attention scores (QK^T) and weighted values (over
     all ``seq_len`` keys: the mask does not skip work), the two MLP matmuls; then the output layer
     over the vocabulary, and the copy head when the config has one (its query and key projections and
     scores; its scatter-add onto the vocabulary is not a matmul). Forward + backward is 3x the forward.
+
+    ``forward`` and ``train`` count one stream: the decoder's work per token, as the reference's
+    model does it. ``executed_forward`` and ``executed_train`` count what a model of ``streams``
+    streams (``DecoderModel.streams``) multiplies: every layer but the last runs the queries, output
+    projections, attention and MLP of each stream (keys and values come from the content stream
+    alone), and the last layer and the output layer run the predicting stream only, as ``Study`` does.
     """
     d, qkv, mlp, V = config.d_model, config.qkv_dim, config.mlp_dim, config.vocab_size
-    proj = 2 * (3 * d * qkv + qkv * d)
-    attn = 2 * 2 * seq_len * qkv
-    mlp_f = 2 * 2 * d * mlp
-    layer = proj + attn + mlp_f
+
+    def layer(rows: int) -> tuple[int, int, int]:  # (projections, attention, MLP) with ``rows`` query rows per token
+        return 2 * ((2 * rows + 2) * d * qkv), rows * 2 * 2 * seq_len * qkv, rows * 2 * 2 * d * mlp
+
+    proj, attn, mlp_f = layer(1)
     out = 2 * d * V
     copy = 2 * (2 * d * d + seq_len * d) if getattr(config, "copy_head", False) else 0
-    fwd = config.num_layers * layer + out + copy
+    fwd = config.num_layers * (proj + attn + mlp_f) + out + copy
+    executed = fwd + (config.num_layers - 1) * (sum(layer(streams)) - sum(layer(1)))
     return {
         "forward": fwd,
         "train": 3 * fwd,
+        "executed_forward": executed,
+        "executed_train": 3 * executed,
         "share_output_layer": out / fwd,
         "share_copy_head": copy / fwd,
         "share_attention_scores": config.num_layers * attn / fwd,

@@ -103,7 +103,8 @@ def main(cfg: GpuCheckConfig) -> dict:
     )
     config = preset.model_config(vocab.logits_size, jax.default_backend())
     mesh = make_mesh(1, devices=[dev])
-    flops_per_token = decoder_flops_per_token(config, seq_len)["train"]
+    counts = decoder_flops_per_token(config, seq_len, MODELS[cfg.model].streams)
+    flops_per_token, executed_per_token = counts["train"], counts["executed_train"]
 
     # The card's dense bf16 (compute dtype) matmul peak, measured now.
     measured = matmul_peak(config.dtype, repeats=5, warmup=1)
@@ -139,6 +140,7 @@ def main(cfg: GpuCheckConfig) -> dict:
             "batch": batch, "step_s": s, "step_s_best": min(times), "first_step_s": first,
             "tokens_per_s": batch * seq_len / s,
             "mfu": flops_per_token * batch * seq_len / s / peak,
+            "executed_peak_fraction": executed_per_token * batch * seq_len / s / peak,  # both streams' matmuls
             "peak_bytes_in_use": stats.get("peak_bytes_in_use"), "bytes_limit": stats.get("bytes_limit"),
             "loss": mean_loss(sums),
         }

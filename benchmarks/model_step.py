@@ -10,6 +10,11 @@ embedding lookups excluded) over the measured step time. ``peak_fraction`` divid
 matmul rate measured in the same process, for the same dtype. Both use the best of the timed
 repeats (the least disturbed by other load); medians are reported too. Packed rows come from
 generated classroom data, so masks are realistic.
+
+Those FLOPs are one stream's: the decoder's work per token, the same for ``study`` and the
+reference's single-stream model. ``study`` runs two streams through every layer but the last, so
+its step multiplies more: ``executed_peak_fraction`` counts those matmuls (``executed_train``), how
+busy the step keeps the matmul units.
 """
 
 from __future__ import annotations
@@ -132,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
     fns = {"step": lambda: jax.block_until_ready(compiled(params, sample, jax.random.fold_in(key, next(counter))))}
     peak_run, peak_flop, peak_n = matmul_kernel(config.dtype)
     fns["matmul"] = peak_run
-    flops = decoder_flops_per_token(config, args.seq_len)
+    flops = decoder_flops_per_token(config, args.seq_len, MODELS[args.model].streams)
     tokens = batch * args.seq_len
     if not args.no_parts:
         fns["output_layer"] = output_layer_step(tokens, config.d_model, config.vocab_size, config.dtype)
@@ -168,6 +173,8 @@ def main(argv: list[str] | None = None) -> dict:
         "achieved_flops": achieved,
         "peak_fraction": achieved / peak["peak_flops"],
         "peak_fraction_median": (flops["train"] * tokens / median) / peak["peak_flops_median"],
+        "executed_flops_per_token": flops["executed_train"],
+        "executed_peak_fraction": flops["executed_train"] * tokens / best / peak["peak_flops"],
         **peak,
         "flop_shares": {k: round(v, 3) for k, v in flops.items() if k.startswith("share")},
         **parts,

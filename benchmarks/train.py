@@ -16,7 +16,9 @@ timed steps (0 means the device never waited for data); ``wall`` sums the pipeli
 pre-placed batch, timed alternately with them: on a CPU the packing threads share the cores with
 the step, so this is where the input pipeline's cost would show. A dense matmul is timed after
 every step as well: ``peak_fraction`` is best step against best matmul, ``peak_fraction_median``
-median against median (steadier when other users load the machine). ``step_cpu_s_median`` is the
+median against median (steadier when other users load the machine); both count one stream's FLOPs,
+and ``executed_peak_fraction_fixed_batch`` every matmul the step runs (see ``benchmarks.model_step``).
+``step_cpu_s_median`` is the
 process's CPU time per step over all cores: on a shared machine it moves less with outside load
 than the wall time. Compilations during the timed steps are counted (``recompiles``: must be 0).
 """
@@ -134,7 +136,8 @@ def main(argv: list[str] | None = None) -> dict:
     loss = mean_loss(sums)
 
     tokens = global_batch * cfg.seq_len
-    flops = decoder_flops_per_token(config, cfg.seq_len)["train"] * tokens
+    counts = decoder_flops_per_token(config, cfg.seq_len, MODELS[args.model].streams)
+    flops, executed = counts["train"] * tokens, counts["executed_train"] * tokens
     med_step = statistics.median(step_times)
     rates = matmul_rates(peak_flop, peak_times, peak_n, config.dtype)
     peak = rates["peak_flops"]
@@ -168,6 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
         "peak_fraction": flops / min(totals) / peak,
         "peak_fraction_median": (flops / statistics.median(totals)) / rates["peak_flops_median"],
         "peak_fraction_fixed_batch": flops / min(fixed_times) / peak,
+        "executed_peak_fraction_fixed_batch": executed / min(fixed_times) / peak,
         "peak_flops": peak,
         "peak_flops_median": rates["peak_flops_median"],
         "peak_n": peak_n,
