@@ -103,6 +103,28 @@ def test_classmates_are_visible_to_the_query(run):
         assert sample.titles[query[r]] == 0 and sample.timestamps[query[r]] == as_seconds("2023-03-10") - run.time_origin
 
 
+def test_the_classroom_memory_is_packed_at_the_query_slot_only(run):
+    """The memory is read out at the query slot alone: there it holds the classroom's reads of the
+    last ``memory_days`` before as_of; every other token's memory is empty."""
+    titles = [run.vocab.decode(i) for i in range(1, 8)]
+    activity = pd.concat(
+        [_rows(1, titles[:3], [0, 1, 2]), _rows(2, titles[3:5], [1, 3]), _rows(3, titles[5:7], [2, 4])],
+        ignore_index=True,
+    )
+    info = pd.DataFrame({"StudentID": [1, 2, 3], "OrgnID": [7, 7, 7], "GRADE_LVL_NBR": pd.array([3, 3, 3], "Int64")})
+    as_of = "2023-03-06"
+    ids, rows, query = run.query_rows(activity, info, as_of=as_of)
+    memory = np.asarray(rows.memory_titles)
+    at_query = np.zeros(memory.shape[:2], bool)
+    at_query[np.arange(len(ids)), query] = True
+    assert not memory[~at_query].any()
+    recent = activity["timestamp"] >= as_seconds(as_of) - run.model_config.memory_days * DAY
+    expected = set(run.vocab.encode_many(activity["SHLF_NUM"][recent]).tolist())
+    assert expected == {5, 7}  # read on days 3 and 4, with as_of on day 5
+    for r in range(len(ids)):
+        assert set(memory[r, query[r]].tolist()) - {0} == expected
+
+
 def reference_run(run):
     """``run`` with an (untrained) reference STUDY in place of its model: keys carry the previous title."""
     config = dataclasses.replace(run.model_config, memory_size=0)

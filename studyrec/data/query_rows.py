@@ -194,14 +194,20 @@ def compose_queries(
     sep: int,
     memory: ClassroomMemory | None = None,
 ) -> QueryRows:
-    """Packs ``rows`` of the layout into ``batch`` rows (the rest empty), with each token's classroom
-    ``memory`` when given (``QueryHistory.memory``)."""
+    """Packs ``rows`` of the layout into ``batch`` rows (the rest empty), with the classroom ``memory``
+    (``QueryHistory.memory``) at each row's query slot when given.
+
+    The query slot is the only one read out, and the memory is read only at the output, so the
+    other tokens' memories are left empty: looking them up took most of the packing's time.
+    """
     where, trailing = query_placements(history, layout, rows, as_of)
     sample, source = compose(
         batch, where, history.titles, history.relative_times, history.grade, sep, layout.seq_len, trailing
     )
     if memory is not None:
-        sample = memory.attach_placed(sample, where, history.classroom)
+        classroom = np.full(sample.titles.shape, -1, np.int64)  # -1: no memory
+        classroom[np.arange(len(rows)), layout.own[rows]] = history.classroom[layout.query[rows]]
+        sample = memory.attach(sample, classroom)
     # Every interaction is scored, so ``source`` names them all. With carriers each key carries the
     # title before it in its student's run (nothing at a run's start); else its own.
     prev = np.full_like(source, -1)

@@ -245,7 +245,8 @@ class Run:
 
         Returns:
             ``(student_ids [R], rows, query [R])``: row r's logits at column ``query[r]`` score
-            student ``student_ids[r]``'s next title. Arguments are those of :meth:`recommend`.
+            student ``student_ids[r]``'s next title (the rows carry the classroom memory at that
+            column only). Arguments are those of :meth:`recommend`.
         """
         history, layout, as_of_s, _ = self._prepare(activity, student_info, school_info, as_of, students)
         rows = np.arange(len(layout.query))
