@@ -18,9 +18,8 @@ the step, so this is where the input pipeline's cost would show. A dense matmul 
 every step as well: ``peak_fraction`` is best step against best matmul, ``peak_fraction_median``
 median against median (steadier when other users load the machine); both count one stream's FLOPs,
 and ``executed_peak_fraction_fixed_batch`` every matmul the step runs (see ``benchmarks.model_step``).
-``step_cpu_s_median`` is the
-process's CPU time per step over all cores: on a shared machine it moves less with outside load
-than the wall time. Compilations during the timed steps are counted (``recompiles``: must be 0).
+``step_cpu_s_median`` is the process's CPU time per step over all cores: on a shared machine it
+moves less with outside load than the wall time. Compilations during the timed steps are counted (``recompiles``: must be 0).
 """
 
 from __future__ import annotations

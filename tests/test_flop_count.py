@@ -16,8 +16,7 @@ from studyrec.models import MODELS, build
 from studyrec.models.config import ModelConfig
 
 _DOT = re.compile(r"stablehlo\.dot_general .*?contracting_dims = \[([\d, ]*)\] x .*?: \(tensor<([\dx]+)x\w+>, .*?-> tensor<([\dx]+)x\w+>")
-
-
+_FUNCTION = re.compile(r"func\.func \w+ @([\w.$-]+)\(")
 _CALL = re.compile(r"\bcall @([\w.$-]+)\(")
 
 
@@ -26,8 +25,8 @@ def dot_flops(stablehlo: str) -> int:
     function's dots count once per call."""
     bodies, name = {}, None
     for line in stablehlo.splitlines():
-        if line.strip().startswith("func.func"):
-            name = re.search(r"@([\w.$-]+)\(", line).group(1)
+        if found := _FUNCTION.search(line):
+            name = found.group(1)
             bodies[name] = []
         elif name is not None:
             bodies[name].append(line)

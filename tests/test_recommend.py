@@ -44,6 +44,18 @@ def _rows(student, titles, days, start="2023-03-01"):
     )
 
 
+def _three_classmates(run):
+    """Activity and info of three students of one classroom: titles 1-3 on days 0-2, 4-5 on days 1
+    and 3, 6-7 on days 2 and 4 (from 2023-03-01)."""
+    titles = [run.vocab.decode(i) for i in range(1, 8)]
+    activity = pd.concat(
+        [_rows(1, titles[:3], [0, 1, 2]), _rows(2, titles[3:5], [1, 3]), _rows(3, titles[5:7], [2, 4])],
+        ignore_index=True,
+    )
+    info = pd.DataFrame({"StudentID": [1, 2, 3], "OrgnID": [7, 7, 7], "GRADE_LVL_NBR": pd.array([3, 3, 3], "Int64")})
+    return activity, info
+
+
 def test_every_student_gets_k_ranked_titles(run, sample):
     activity, info = sample
     out = run.recommend(activity, info, k=5, as_of=AS_OF, batch_size=BATCH)
@@ -85,12 +97,7 @@ def test_a_lone_student_is_scored_as_a_hand_packed_row(run, sample):
 
 def test_classmates_are_visible_to_the_query(run):
     """STUDY rows: the query at as_of sees every classmate read, through keys strictly earlier."""
-    titles = [run.vocab.decode(i) for i in range(1, 8)]
-    activity = pd.concat(
-        [_rows(1, titles[:3], [0, 1, 2]), _rows(2, titles[3:5], [1, 3]), _rows(3, titles[5:7], [2, 4])],
-        ignore_index=True,
-    )
-    info = pd.DataFrame({"StudentID": [1, 2, 3], "OrgnID": [7, 7, 7], "GRADE_LVL_NBR": pd.array([3, 3, 3], "Int64")})
+    activity, info = _three_classmates(run)
     ids, rows, query = run.query_rows(activity, info, as_of="2023-03-10")
     assert ids.tolist() == [1, 2, 3]
     for r in range(3):
@@ -106,12 +113,7 @@ def test_classmates_are_visible_to_the_query(run):
 def test_the_classroom_memory_is_packed_at_the_query_slot_only(run):
     """The memory is read out at the query slot alone: there it holds the classroom's reads of the
     last ``memory_days`` before as_of; every other token's memory is empty."""
-    titles = [run.vocab.decode(i) for i in range(1, 8)]
-    activity = pd.concat(
-        [_rows(1, titles[:3], [0, 1, 2]), _rows(2, titles[3:5], [1, 3]), _rows(3, titles[5:7], [2, 4])],
-        ignore_index=True,
-    )
-    info = pd.DataFrame({"StudentID": [1, 2, 3], "OrgnID": [7, 7, 7], "GRADE_LVL_NBR": pd.array([3, 3, 3], "Int64")})
+    activity, info = _three_classmates(run)
     as_of = "2023-03-06"
     ids, rows, query = run.query_rows(activity, info, as_of=as_of)
     memory = np.asarray(rows.memory_titles)
